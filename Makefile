@@ -1,0 +1,40 @@
+# Set-up and checks on a fresh machine (Python 3.11, no torch installed):
+#   make demo   install into .venv, then run l0calib on a shipped example
+#   make test   install into .venv (with the dev extra), then run the whole test suite
+# torch is installed first, pinned by constraints.txt to the local CPU wheel.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.l0calib-installed
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/l0calib --version
+	$(VENV)/bin/l0calib gate --n 10000 --init-mean 0.3 --seed 0
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

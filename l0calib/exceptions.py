@@ -1,0 +1,54 @@
+"""Errors and warnings raised by l0calib.
+
+Every error the library raises on purpose derives from :class:`L0CalibError`, so a caller
+can catch them all in one place (the CLI does, and prints ``Error: <message>``). Errors
+about bad input also derive from :class:`ValueError`, so code written against plain
+Python conventions keeps working::
+
+    L0CalibError
+    ├── ParameterError(ValueError)   an argument to a library function is invalid
+    ├── DataError(ValueError)        the microdata (records, weights, persons) is unusable
+    ├── TargetError(ValueError)      a target definition or expression is unusable
+    └── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
+
+    ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance
+
+Messages say what is wrong, where (file, row, column, target name), what was found and
+what was expected. They never include microdata values beyond what is needed to locate
+the problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationError",
+    "ConvergenceWarning",
+    "DataError",
+    "L0CalibError",
+    "ParameterError",
+    "TargetError",
+]
+
+
+class L0CalibError(Exception):
+    """Base class of every error l0calib raises deliberately."""
+
+
+class ParameterError(L0CalibError, ValueError):
+    """An argument given to a library function or class is out of its allowed range."""
+
+
+class DataError(L0CalibError, ValueError):
+    """The microdata cannot be used: unreadable file, bad weights, duplicate ids..."""
+
+
+class TargetError(L0CalibError, ValueError):
+    """A target row or one of its expressions cannot be used."""
+
+
+class CalibrationError(L0CalibError):
+    """The calibration problem cannot be solved as posed (infeasible, rank-deficient...)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped before meeting the requested tolerance; results are still returned."""

@@ -1,0 +1,320 @@
+"""The Hard Concrete gate of Louizos, Welling & Kingma (2017), arXiv:1712.01312, section 4.
+
+One implementation, used by the calibration engine (a gate per record), the selection gates
+(a gate per record or feature) and :mod:`l0calib.nn` (a gate per neuron or weight).
+
+The distribution, with ``beta`` the temperature and ``(gamma, zeta) = (-stretch, 1 + stretch)``::
+
+    u ~ Uniform(0, 1)
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)      # binary Concrete sample
+    z = min(1, max(0, s * (zeta - gamma) + gamma))            # stretched, then clamped
+
+``z`` is exactly 0 with positive probability, exactly 1 with positive probability, and
+differentiable in ``log_alpha`` in between, so the expected number of non-zero gates,
+
+    E[#{z != 0}] = sum sigmoid(log_alpha - beta * log(-gamma / zeta)),
+
+is a differentiable surrogate for the L0 norm (the paper's equation 12).
+
+At test time the paper uses ``min(1, max(0, sigmoid(log_alpha) * (zeta - gamma) + gamma))``
+(section 4, "at test time"). PolicyEngine's ``l0`` package instead uses
+``sigmoid(log_alpha / beta)`` inside the clamp, which is the *median* of the stretched
+Concrete. We default to the paper's estimator: it does not move when the temperature is
+annealed, so a model evaluated at the end of training is the model whose expected penalty
+was optimised. The median moves with ``beta``: for ``beta < 1`` it pushes a gate with
+``log_alpha > 0`` further open and one with ``log_alpha < 0`` further shut, reaching a hard
+0/1 as ``beta -> 0``. ``test_gate="median"`` gives the reference behaviour.
+See ``docs/hardconcrete.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from l0calib.exceptions import ParameterError
+from l0calib.noise import logistic_noise
+
+__all__ = ["HardConcrete"]
+
+TestGate = Literal["paper", "median"]
+_TEST_GATES = ("paper", "median")
+# Uniform draws from a torch.Generator are clamped into [_EPS, 1 - _EPS] so the logit is finite.
+_EPS = 1e-6
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParameterError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class HardConcrete(nn.Module):
+    """A tensor of Hard Concrete gates in [0, 1] with a differentiable expected L0 norm.
+
+    Parameters
+    ----------
+    input_dim : int
+        Number of gates (first dimension), e.g. one per survey record.
+    output_dim : int, optional
+        Second dimension; gates then have shape ``(input_dim, output_dim)``.
+    temperature : float, default 2/3
+        ``beta`` of the binary Concrete; the paper's value. Must be > 0. Mutable: annealing
+        schedules set ``gate.temperature`` between steps.
+    stretch : float, default 0.1
+        ``gamma = -stretch``, ``zeta = 1 + stretch``. Must be >= 0; 0 gives a plain binary
+        Concrete that is never exactly 0 or 1.
+    init_mean : float, default 0.5
+        Initial ``sigmoid(log_alpha)``, in (0, 1): the probability that a relaxed sample is
+        above 1/2 (more "on" than "off"), whatever the temperature. 0.999 starts almost every
+        gate open.
+    init_std : float, default 0.01
+        Standard deviation of the normal noise added to the initial ``log_alpha``.
+    test_gate : {"paper", "median"}, default "paper"
+        Deterministic gate returned in eval mode: the paper's estimator or the reference
+        ``l0`` package's median (see the module docstring).
+    seed : int, optional
+        Makes the initialisation and every training draw reproducible without touching
+        torch's global RNG. Draw ``d`` of gate ``j`` uses counter-based noise keyed by
+        ``(seed, d, j)`` (:mod:`l0calib.noise`); the draw counter is saved in
+        ``state_dict()``, so a reloaded module continues the same sequence.
+    generator : torch.Generator, optional
+        Alternative to ``seed``: a torch generator used for initialisation and draws.
+        Without ``seed`` or ``generator`` the global torch RNG is used.
+    device, dtype
+        Where and in which floating dtype ``log_alpha`` lives. Sampling arithmetic runs in
+        at least float32 and the result is cast back, so float16 and bfloat16 gates never
+        contain inf or NaN.
+
+    Raises
+    ------
+    ParameterError
+        If an argument is out of range.
+
+    Example
+    -------
+    >>> gates = HardConcrete(1000, temperature=0.25, init_mean=0.999, seed=0)
+    >>> z = gates()                      # training mode: a differentiable sample, shape (1000,)
+    >>> z.shape, bool(((z >= 0) & (z <= 1)).all())
+    (torch.Size([1000]), True)
+    >>> _ = gates.eval()
+    >>> gates.get_num_active()
+    1000
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int | None = None,
+        temperature: float = 2 / 3,
+        stretch: float = 0.1,
+        init_mean: float = 0.5,
+        *,
+        init_std: float = 0.01,
+        test_gate: TestGate = "paper",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("input_dim", input_dim)
+        if output_dim is not None:
+            _check_positive_int("output_dim", output_dim)
+        self.temperature = temperature  # validated by the property setter
+        stretch = _check_finite("stretch", stretch)
+        if stretch < 0:
+            raise ParameterError(f"stretch must be >= 0, got {stretch!r}")
+        init_mean = _check_finite("init_mean", init_mean)
+        if not 0.0 < init_mean < 1.0:
+            raise ParameterError(
+                f"init_mean must be strictly between 0 and 1, got {init_mean!r} "
+                "(it is the initial sigmoid(log_alpha); use e.g. 0.999 to start almost all open)"
+            )
+        init_std = _check_finite("init_std", init_std)
+        if init_std < 0:
+            raise ParameterError(f"init_std must be >= 0, got {init_std!r}")
+        if test_gate not in _TEST_GATES:
+            raise ParameterError(f"test_gate must be one of {_TEST_GATES}, got {test_gate!r}")
+        if seed is not None and generator is not None:
+            raise ParameterError("give seed or generator, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ParameterError(f"seed must be an integer, got {seed!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ParameterError(f"dtype must be a floating dtype, got {dtype}")
+
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.stretch = stretch
+        self.gamma = -stretch
+        self.zeta = 1.0 + stretch
+        self.init_mean = init_mean
+        self.test_gate = test_gate
+        self.seed = seed
+        self.generator = generator
+
+        shape = (input_dim,) if output_dim is None else (input_dim, output_dim)
+        self.log_alpha = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        # Number of training draws taken so far: the counter of the seeded noise stream.
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
+        self.reset_parameters(init_std=init_std)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def temperature(self) -> float:
+        """``beta``, the Concrete temperature (> 0)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = _check_finite("temperature", value)
+        if value <= 0:
+            raise ParameterError(f"temperature must be > 0, got {value!r}")
+        self._temperature = value
+
+    def reset_parameters(self, *, init_std: float = 0.01) -> None:
+        """Set ``log_alpha ~ Normal(logit(init_mean), init_std)`` and restart the draw counter."""
+        mean = math.log(self.init_mean) - math.log1p(-self.init_mean)
+        with torch.no_grad():
+            if self.seed is not None:
+                # A separate stream (draw -1) so initialisation never reuses training noise.
+                u = self._counter_normal()
+                self.log_alpha.copy_(mean + init_std * u)
+            else:
+                self.log_alpha.normal_(mean, init_std, generator=self.generator)
+            self.draws.zero_()
+
+    def _counter_normal(self) -> torch.Tensor:
+        # Logistic noise scaled to unit variance: a deterministic, index-keyed jitter.
+        idx = torch.arange(self.log_alpha.numel(), device=self.log_alpha.device)
+        noise = logistic_noise(self.seed, -1, idx, dtype=torch.float64)
+        return (noise * (math.sqrt(3) / math.pi)).reshape(self.log_alpha.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the gate tensor: ``(input_dim,)`` or ``(input_dim, output_dim)``."""
+        return self.log_alpha.shape
+
+    def _work(self) -> torch.Tensor:
+        # Half-precision logits are upcast so the sampling arithmetic cannot overflow.
+        return self.log_alpha.to(torch.promote_types(self.log_alpha.dtype, torch.float32))
+
+    def _uniform_to_logistic(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        u = u.to(device=self.log_alpha.device, dtype=torch.float64).clamp(_EPS, 1 - _EPS)
+        return (torch.log(u) - torch.log1p(-u)).to(dtype)
+
+    def _noise(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.seed is not None:
+            idx = torch.arange(self.log_alpha.numel(), device=self.log_alpha.device)
+            noise = logistic_noise(self.seed, int(self.draws), idx, dtype=dtype)
+            return noise.reshape(self.shape)
+        gen = self.generator
+        dev = gen.device if gen is not None else self.log_alpha.device
+        u = torch.rand(self.shape, generator=gen, device=dev, dtype=torch.float64)
+        return self._uniform_to_logistic(u, dtype)
+
+    # ------------------------------------------------------------------ gates
+    def forward(self) -> torch.Tensor:
+        """Gates: a reparameterised sample in training mode, the test-time gate in eval mode."""
+        return self.rsample() if self.training else self.test_gates()
+
+    def rsample(self, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw gates differentiably (the reparameterisation trick).
+
+        Parameters
+        ----------
+        u : torch.Tensor, optional
+            Uniform(0, 1) numbers of the gate shape to use instead of this module's own
+            stream (the sharded engine passes record-keyed noise). Values are clamped into
+            ``[1e-6, 1 - 1e-6]``. When omitted, the module's stream advances by one draw.
+
+        Returns
+        -------
+        torch.Tensor
+            Gates in [0, 1], same shape and dtype as ``log_alpha``; gradients flow to
+            ``log_alpha`` wherever the gate is strictly between 0 and 1.
+        """
+        log_alpha = self._work()
+        if u is None:
+            noise = self._noise(log_alpha.dtype)
+            # Rebind rather than add in place, so a state_dict() taken earlier keeps its count.
+            self.draws = self.draws + 1
+        else:
+            if u.shape != self.shape:
+                raise ParameterError(f"u must have shape {tuple(self.shape)}, got {tuple(u.shape)}")
+            noise = self._uniform_to_logistic(u, log_alpha.dtype)
+        s = torch.sigmoid((noise + log_alpha) / self.temperature)
+        z = (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+        return z.to(self.log_alpha.dtype)
+
+    @torch.no_grad()
+    def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Like :meth:`rsample`, without building a graph."""
+        return self.rsample(u)
+
+    def test_gates(self, estimator: TestGate | None = None) -> torch.Tensor:
+        """The deterministic test-time gates.
+
+        Parameters
+        ----------
+        estimator : {"paper", "median"}, optional
+            ``"paper"``: ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``;
+            ``"median"``: ``clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)``,
+            the reference ``l0`` package's gate. Defaults to ``self.test_gate``.
+        """
+        estimator = self.test_gate if estimator is None else estimator
+        if estimator not in _TEST_GATES:
+            raise ParameterError(f"estimator must be one of {_TEST_GATES}, got {estimator!r}")
+        log_alpha = self._work()
+        if estimator == "median":
+            log_alpha = log_alpha / self.temperature
+        z = (torch.sigmoid(log_alpha) * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+        return z.to(self.log_alpha.dtype)
+
+    # ------------------------------------------------------------------ L0 surrogate
+    def get_active_prob(self) -> torch.Tensor:
+        """``P(z != 0)`` for every gate: ``sigmoid(log_alpha - beta * log(-gamma / zeta))``.
+
+        Differentiable in ``log_alpha``; same shape as the gates, dtype at least float32.
+        With ``stretch == 0`` every gate is non-zero almost surely and this is all ones.
+        """
+        log_alpha = self._work()
+        if self.stretch == 0:
+            return torch.ones_like(log_alpha)
+        shift = self.temperature * math.log(-self.gamma / self.zeta)
+        return torch.sigmoid(log_alpha - shift)
+
+    def get_penalty(self) -> torch.Tensor:
+        """Expected number of non-zero gates (a differentiable scalar): the L0 surrogate."""
+        return self.get_active_prob().sum()
+
+    @torch.no_grad()
+    def get_num_active(self) -> int:
+        """Number of test-time gates that are non-zero."""
+        return int((self.test_gates() > 0).sum())
+
+    @torch.no_grad()
+    def get_sparsity(self) -> float:
+        """Fraction of test-time gates that are exactly zero, in [0, 1]."""
+        return 1.0 - self.get_num_active() / self.log_alpha.numel()
+
+    def extra_repr(self) -> str:
+        """Summary shown by ``repr(module)``."""
+        dims = (
+            f"{self.input_dim}"
+            if self.output_dim is None
+            else f"{self.input_dim}, {self.output_dim}"
+        )
+        return (
+            f"{dims}, temperature={self.temperature:.4g}, stretch={self.stretch:.4g}, "
+            f"init_mean={self.init_mean:.4g}, test_gate={self.test_gate!r}"
+        )
