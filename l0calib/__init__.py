@@ -14,15 +14,33 @@ from l0calib.exceptions import (
     ParameterError,
     TargetError,
 )
+from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.hardconcrete import HardConcrete
+from l0calib.io import read_table, write_table
+from l0calib.targets import (
+    EstimateMatrix,
+    Target,
+    as_estimate_matrix,
+    build_estimate_matrix,
+    read_targets,
+)
 
 __all__ = [
     "CalibrationError",
     "ConvergenceWarning",
     "DataError",
+    "EstimateMatrix",
     "HardConcrete",
     "L0CalibError",
     "ParameterError",
+    "SyntheticSurvey",
+    "Target",
     "TargetError",
     "__version__",
+    "as_estimate_matrix",
+    "build_estimate_matrix",
+    "read_table",
+    "read_targets",
+    "synthetic_survey",
+    "write_table",
 ]

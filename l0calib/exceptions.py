@@ -31,7 +31,23 @@ __all__ = [
 
 
 class L0CalibError(Exception):
-    """Base class of every error l0calib raises deliberately."""
+    """Base class of every error l0calib raises deliberately.
+
+    ``problems`` lists every individual problem found (a file with 30 bad rows reports all
+    30); the message is their summary.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) if problems else [message]
+
+    @classmethod
+    def from_problems(cls, where: str, problems: list[str]) -> L0CalibError:
+        """One error for several problems: ``"<where>: 3 problems:\n  - ..."``."""
+        if len(problems) == 1:
+            return cls(f"{where}: {problems[0]}", problems)
+        listed = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{where}: {len(problems)} problems:\n{listed}", problems)
 
 
 class ParameterError(L0CalibError, ValueError):

@@ -11,11 +11,20 @@ EXPECTED = {
     "CalibrationError",
     "ConvergenceWarning",
     "DataError",
+    "EstimateMatrix",
     "HardConcrete",
     "L0CalibError",
     "ParameterError",
+    "SyntheticSurvey",
+    "Target",
     "TargetError",
     "__version__",
+    "as_estimate_matrix",
+    "build_estimate_matrix",
+    "read_table",
+    "read_targets",
+    "synthetic_survey",
+    "write_table",
 }
 
 

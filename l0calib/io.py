@@ -1,0 +1,179 @@
+"""Reading and writing tables (CSV, Parquet), with clear errors and atomic writes.
+
+These are the readers the command line uses; they are public so a pipeline reads its files
+exactly as the CLI would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from l0calib.exceptions import DataError
+
+__all__ = ["atomic_path", "read_table", "table_format", "write_table"]
+
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def table_format(path: str | os.PathLike[str]) -> str:
+    """``"csv"`` or ``"parquet"`` from a file name (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``).
+
+    Raises
+    ------
+    DataError
+        For any other extension.
+    """
+    p = Path(path)
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes[-2:] in (
+        [".csv", ".gz"],
+        [".csv", ".bz2"],
+        [".csv", ".zip"],
+        [".csv", ".xz"],
+    ):
+        return "csv"
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{p}: unsupported file extension {p.suffix or '(none)'!r}; "
+            "expected .csv (optionally .gz/.bz2/.zip/.xz), .parquet or .pq"
+        )
+    return fmt
+
+
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    columns: list[str] | None = None,
+    text_columns: bool = False,
+) -> pd.DataFrame:
+    """Read a CSV or Parquet file into a DataFrame.
+
+    CSV files must be UTF-8 (a byte-order mark is accepted). String columns stay strings;
+    empty CSV cells become missing values.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; its extension picks the format (see :func:`table_format`).
+    columns : list of str, optional
+        Read only these columns (every one must exist).
+    text_columns : bool, default False
+        Read every CSV column as text (no type inference), as the targets reader does so
+        that names such as ``01`` keep their leading zero. Ignored for Parquet.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    DataError
+        If the file is missing, unreadable, empty, not UTF-8, or lacks a requested column.
+        The message names the file (and the line or byte for encoding problems).
+
+    Example
+    -------
+    >>> import pandas as pd, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "h.csv")
+    >>> pd.DataFrame({"household_id": [1, 2], "household_weight": [10.0, 20.0]}).to_csv(
+    ...     path, index=False)
+    >>> read_table(path).shape
+    (2, 2)
+    """
+    p = Path(path)
+    fmt = table_format(p)
+    if not p.exists():
+        raise DataError(f"{p}: file not found")
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, expected a {fmt} file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: file is empty")
+    try:
+        if fmt == "csv":
+            frame = _read_csv(p, columns, text_columns)
+        else:
+            frame = pd.read_parquet(p, columns=columns)
+    except DataError:
+        raise
+    except (ValueError, KeyError) as exc:
+        if columns is not None:
+            raise DataError(f"{p}: cannot read columns {columns}: {exc}") from None
+        raise DataError(f"{p}: cannot read {fmt} file: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read {fmt} file: {exc}") from None
+    except Exception as exc:  # pyarrow raises its own exception types for corrupt files
+        raise DataError(f"{p}: cannot read {fmt} file: {type(exc).__name__}: {exc}") from None
+    if frame.shape[1] == 0:
+        raise DataError(f"{p}: file has no columns")
+    return frame
+
+
+def _read_csv(p: Path, columns: list[str] | None, text: bool) -> pd.DataFrame:
+    try:
+        return pd.read_csv(
+            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=str if text else None
+        )
+    except UnicodeDecodeError as exc:
+        line = _line_of_byte(p, exc.start)
+        raise DataError(
+            f"{p}: line {line}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p}: file has no header row (it is empty)") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{p}: malformed CSV: {exc}") from None
+
+
+def _line_of_byte(p: Path, offset: int) -> int:
+    with open(p, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
+
+    If the body raises (or is interrupted), the temporary file is removed and ``path`` is
+    left as it was, so no partial output is ever visible.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``frame`` as CSV or Parquet (by extension), atomically.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+    """
+    p = Path(path)
+    fmt = table_format(p)
+    with atomic_path(p) as tmp:
+        if fmt == "csv":
+            frame.to_csv(tmp, index=False, compression=_compression(p))
+        else:
+            frame.to_parquet(tmp, index=False)
+    return p
+
+
+def _compression(p: Path) -> str | None:
+    return {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz"}.get(p.suffix.lower())
