@@ -6,6 +6,7 @@ internal and may change.
 """
 
 from l0calib._version import __version__
+from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.exceptions import (
     CalibrationError,
     ConvergenceWarning,
@@ -14,7 +15,6 @@ from l0calib.exceptions import (
     ParameterError,
     TargetError,
 )
-from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.hardconcrete import HardConcrete
 from l0calib.io import read_table, write_table
 from l0calib.targets import (

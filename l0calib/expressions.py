@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import difflib
 import operator
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ __all__ = ["ColumnSource", "Expression", "ExpressionError", "parse_expression"]
 
 MAX_LENGTH = 10_000
 MAX_DEPTH = 64
+MEMO_SIZE = 64  # sub-expression results kept per table
+_MEMO_NODES = (ast.Compare, ast.BoolOp)  # boolean results: 1 byte per row
 FUNCTIONS = {"abs": 1, "where": 3, "clip": 3, "isnull": 1}
 _BACKTICK_PREFIX = "_l0calib_quoted_"
 
@@ -98,18 +101,49 @@ class ColumnSource:
     ----------
     frame : pandas.DataFrame
         The entity table (households or persons).
+    parent, parent_rows : optional
+        For a person table: the households' source and, per person, the row of its
+        household. Household columns the persons lack are then readable per person.
     """
 
-    def __init__(self, frame: pd.DataFrame) -> None:
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        parent: ColumnSource | None = None,
+        parent_rows: np.ndarray | None = None,
+    ) -> None:
         self.frame = frame
         self.n_rows = len(frame)
-        self.columns = [str(c) for c in frame.columns]
+        self.parent = parent
+        self.parent_rows = parent_rows
+        # Recently evaluated conditions (comparisons, and/or), so targets that
+        # share a condition such as state == "CA" compute it once. Bounded: memory stays
+        # independent of the number of targets.
+        self.memo: OrderedDict[str, Value] = OrderedDict()
+        own = [str(c) for c in frame.columns]
+        inherited = [c for c in parent.columns if c not in set(own)] if parent else []
+        self.columns = own + inherited
+        self._own = set(own)
         self._cache: dict[str, Value] = {}
 
     def get(self, name: str) -> Value:
+        """The column ``name`` as a :class:`Value` (converted once, then cached)."""
         if name not in self._cache:
-            self._cache[name] = self._convert(name)
+            self._cache[name] = self._convert(name) if name in self._own else self._inherit(name)
         return self._cache[name]
+
+    def _inherit(self, name: str) -> Value:
+        # A person expression may use a household column: each person takes its household's.
+        if self.parent is None or self.parent_rows is None:
+            raise KeyError(name)  # unreachable: evaluate() checks names against self.columns
+        v = self.parent.get(name)
+        rows = self.parent_rows
+        missing = v.missing[rows] if v.missing is not None else None
+        if missing is not None and not missing.any():
+            missing = None
+        data = np.asarray(v.data)[rows]
+        return Value(data, v.kind, missing, v.missing_from if missing is not None else frozenset())
 
     def _convert(self, name: str) -> Value:
         col = self.frame[name]
@@ -241,8 +275,9 @@ class Expression:
         """Column names the expression reads, in order of first use."""
         seen: dict[str, None] = {}
         functions = {id(n.func) for n in ast.walk(self.tree) if isinstance(n, ast.Call)}
-        for node in ast.walk(self.tree):
-            if isinstance(node, ast.Name) and id(node) not in functions:
+        names = [n for n in ast.walk(self.tree) if isinstance(n, ast.Name)]
+        for node in sorted(names, key=lambda n: (n.lineno, n.col_offset)):
+            if id(node) not in functions:
                 seen.setdefault(self.quoted.get(node.id, node.id), None)
         return list(seen)
 
@@ -288,7 +323,9 @@ def parse_expression(text: str) -> Expression:
     try:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError as exc:
-        pos = f" at column {exc.offset}" if exc.offset else ""
+        stripped = source.strip()
+        at_end = not exc.offset or exc.offset > len(stripped)
+        pos = " at the end" if at_end else f" at column {exc.offset}"
         raise ExpressionError(f"syntax error{pos} in {_short(text)}: {exc.msg}") from None
     except (RecursionError, MemoryError):
         raise ExpressionError(f"expression is too deeply nested: {_short(text)}") from None
@@ -389,7 +426,20 @@ class _Evaluator:
 
     def visit(self, node: ast.AST) -> Value:
         method = getattr(self, f"visit_{type(node).__name__}")
-        return method(node)
+        if not isinstance(node, _MEMO_NODES):
+            return method(node)
+        memo = self.source.memo
+        # Backtick placeholders differ between expressions; key on the real column names.
+        key = ast.dump(node) if not self.expr.quoted else f"{self.expr.quoted}{ast.dump(node)}"
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit
+        value = method(node)
+        memo[key] = value
+        if len(memo) > MEMO_SIZE:
+            memo.popitem(last=False)
+        return value
 
     def visit_Constant(self, node: ast.Constant) -> Value:
         v = node.value

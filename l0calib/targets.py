@@ -500,7 +500,7 @@ def _check_households(
     dup = ids.duplicated(keep=False).to_numpy() & ~ids.isna().to_numpy()
     if dup.any():
         rows = np.flatnonzero(dup)
-        examples = ", ".join(repr(v) for v in pd.unique(ids.iloc[rows])[:_MAX_LISTED])
+        examples = ", ".join(repr(v) for v in pd.unique(ids.iloc[rows])[:_MAX_LISTED].tolist())
         problems.append(
             f"column '{id_column}' must be unique; {len(rows):,} rows share an id "
             f"(rows {_rows(rows)}; ids {examples})"
@@ -540,7 +540,7 @@ def _link_persons(
     bad = pos < 0
     if bad.any():
         rows = np.flatnonzero(bad)
-        examples = ", ".join(repr(v) for v in pd.unique(keys.iloc[rows])[:_MAX_LISTED])
+        examples = ", ".join(repr(v) for v in pd.unique(keys.iloc[rows])[:_MAX_LISTED].tolist())
         raise DataError(
             f"{label}: {len(rows):,} persons point at households not in {hh_label} "
             f"(column '{link}', rows {_rows(rows)}; ids {examples})"
@@ -549,12 +549,16 @@ def _link_persons(
 
 
 class _Entity:
-    """An entity table with cached columns and cached evaluated filters."""
+    """An entity table's columns, and for persons the row of each person's household."""
 
-    def __init__(self, frame: pd.DataFrame, household_pos: np.ndarray | None) -> None:
-        self.source = ColumnSource(frame)
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        household_pos: np.ndarray | None = None,
+        households: ColumnSource | None = None,
+    ) -> None:
+        self.source = ColumnSource(frame, parent=households, parent_rows=household_pos)
         self.household_pos = household_pos  # None for households themselves
-        self.masks: dict[str, np.ndarray | str] = {}
 
 
 def _broadcast(v: Value, n: int, dtype: type) -> np.ndarray:
@@ -563,27 +567,16 @@ def _broadcast(v: Value, n: int, dtype: type) -> np.ndarray:
 
 
 def _eval_filter(entity: _Entity, text: str) -> np.ndarray:
-    cached = entity.masks.get(text)
-    if isinstance(cached, str):
-        raise ExpressionError(cached)
-    if cached is not None:
-        return cached
-    try:
-        value = parse_expression(text).evaluate(entity.source)
-        if value.kind != "bool":
-            noun = "text" if value.kind == "str" else "a number"
-            raise ExpressionError(
-                f"a filter must be true/false, got {noun} (use a comparison such as x > 0)"
-            )
-        msg = missing_message(value)
-        if msg:
-            raise ExpressionError(msg)
-    except ExpressionError as exc:
-        entity.masks[text] = str(exc)
-        raise
-    mask = _broadcast(value, entity.source.n_rows, bool)
-    entity.masks[text] = mask
-    return mask
+    value = parse_expression(text).evaluate(entity.source)
+    if value.kind != "bool":
+        noun = "text" if value.kind == "str" else "a number"
+        raise ExpressionError(
+            f"a filter must be true/false, got {noun} (use a comparison such as x > 0)"
+        )
+    msg = missing_message(value)
+    if msg:
+        raise ExpressionError(msg)
+    return _broadcast(value, entity.source.n_rows, bool)
 
 
 def _eval_variable(entity: _Entity, expr: Expression, mask: np.ndarray) -> np.ndarray:
@@ -627,7 +620,8 @@ def build_estimate_matrix(
         See :func:`read_targets` and ``docs/targets.md``.
     persons : DataFrame or path, optional
         One row per person, linked to ``households`` by ``person_household_column``;
-        needed by targets with ``entity = person``.
+        needed by targets with ``entity = person``. Their expressions may also use
+        household columns the persons table lacks (each person gets its household's value).
     id_column, weight_column, person_household_column : str
         Column names (PolicyEngine's defaults).
     allow_zero_support : bool, default False
@@ -665,13 +659,13 @@ def build_estimate_matrix(
     tg_label = Path(targets).name if isinstance(targets, (str, os.PathLike)) else "targets"
     n = len(hh_frame)
 
-    entities: dict[str, _Entity] = {"household": _Entity(hh_frame, None)}
+    entities: dict[str, _Entity] = {"household": _Entity(hh_frame)}
     if persons is not None:
         p_frame, p_label = _load(persons, "persons")
         pos = _link_persons(
             p_frame, p_label, person_household_column, hh_frame[id_column], hh_label
         )
-        entities["person"] = _Entity(p_frame, pos)
+        entities["person"] = _Entity(p_frame, pos, entities["household"].source)
 
     problems: list[str] = []
     zero: list[str] = []

@@ -1,0 +1,86 @@
+"""Table reading and writing: formats, clear errors, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from l0calib import DataError, read_table, write_table
+from l0calib.io import atomic_path, table_format
+
+FRAME = pd.DataFrame({"household_id": [1, 2], "state": ["CA", None], "w": [1.5, 2.0]})
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.parquet", "t.pq", "t.csv.gz", "T.CSV"])
+def test_round_trip(name: str, tmp_path: Path) -> None:
+    path = write_table(FRAME, tmp_path / name)
+    back = read_table(path)
+    pd.testing.assert_frame_equal(back, FRAME, check_dtype=False)
+    assert oct(os.stat(path).st_mode & 0o777) != "0o600"  # not mkstemp's private mode
+
+
+def test_format_from_extension() -> None:
+    assert table_format("a/b.csv.bz2") == "csv"
+    assert table_format("x.parquet") == "parquet"
+    with pytest.raises(DataError, match=re.escape(
+        "data.xlsx: unsupported file extension '.xlsx'; expected .csv"
+    )):  # fmt: skip
+        table_format("data.xlsx")
+    with pytest.raises(DataError, match=r"unsupported file extension '\(none\)'"):
+        table_format("data")
+
+
+def test_missing_empty_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope.csv: file not found$"):
+        read_table(tmp_path / "nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty.csv: file is empty$"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "blank.csv").write_text("\n\n")
+    with pytest.raises(DataError, match=r"blank.csv: file has no header row"):
+        read_table(tmp_path / "blank.csv")
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(DataError, match=r"d.csv: is a directory"):
+        read_table(tmp_path / "d.csv")
+
+
+def test_encoding_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin.csv"
+    path.write_bytes("name,value\nok,1\nS\xe3o Paulo,2\n".encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(
+        "latin.csv: line 3: not valid UTF-8 (byte 0xe3 at offset 17); save the file as UTF-8"
+    )):  # fmt: skip
+        read_table(path)
+
+
+def test_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffname,value\na,1\n".encode())
+    assert list(read_table(path).columns) == ["name", "value"]
+
+
+def test_corrupt_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match=r"^.*bad.parquet: cannot read parquet file"):
+        read_table(path)
+
+
+def test_text_columns_keep_leading_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("name,value\n007,1\n")
+    assert read_table(path, text_columns=True)["name"].tolist() == ["007"]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
