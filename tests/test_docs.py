@@ -1,6 +1,7 @@
 """Every ```python block in README.md and docs/*.md runs as written.
 
-Blocks in one file share a namespace, in order, so a page can build on earlier blocks.
+Blocks in one file share a namespace, in order, so a page can build on earlier blocks. They
+run in a scratch directory where ``data/`` points at the repository's fixtures.
 A block whose first line is ``# not-run`` is skipped (used for GPU-only snippets).
 """
 
@@ -28,6 +29,8 @@ def test_python_examples_run(page: Path, tmp_path: Path) -> None:
     if not blocks:
         pytest.skip(f"{page.name} has no Python examples")
     namespace: dict[str, object] = {"__name__": "__docs__"}
+    # Examples run in a scratch directory that sees the repository's data/ (fixtures).
+    (tmp_path / "data").symlink_to(ROOT / "data")
     cwd = Path.cwd()
     os.chdir(tmp_path)
     try:
