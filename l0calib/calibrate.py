@@ -1,0 +1,931 @@
+"""The calibration engine: L0L2-gated weights that match targets, with an exact record count.
+
+Each record ``i`` has a weight parametrised relative to its initial weight and a Hard
+Concrete gate (Louizos, Welling & Kingma 2017, arXiv:1712.01312)::
+
+    w_i = w0_i * exp(u_i) * z_i            z_i ~ HardConcrete(log_alpha_i)
+
+and the training loss is, with ``e_k = (A_k w - t_k) / scale_k`` and
+``scale_k = max(|t_k|, scale_floor)``::
+
+    sum_k c_k * max(|e_k| - tol_k, 0)^2                        (fit; "relative" loss)
+    + lambda_l0 * E[#{z_i != 0}] / n                           (L0: expected fraction kept)
+    + lambda_l2 * sum_i P(z_i != 0) * (exp(u_i) - 1)^2 / n     (L2 toward w0, expected)
+
+``c_k = importance_k * g_k / sum(importance * g)`` over the fitted targets, where ``g_k`` is
+1 / (size of k's group) with ``normalize_groups`` (ungrouped targets are groups of one) and
+1 otherwise. With ``target_records=K`` the engine steers ``lambda_l0`` itself (dual ascent
+toward a schedule of expected survivors that reaches K), keeps exactly the K records most
+likely to be non-zero, and refits their weights without gates (a convex, bounded problem
+solved with L-BFGS-B in float64). See ``docs/engine.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.optimize
+import scipy.sparse as sp
+import torch
+
+from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
+from l0calib.exceptions import ConvergenceWarning, ParameterError, TargetError
+from l0calib.hardconcrete import HardConcrete
+from l0calib.io import atomic_path
+from l0calib.sparse import SparseOperator
+from l0calib.targets import EstimateMatrix, as_estimate_matrix
+
+__all__ = ["CalibrationResult", "Progress", "calibrate", "refit"]
+
+LossName = Literal["relative", "squared"]
+LOG_COLUMNS = (
+    "epoch",
+    "loss",
+    "target_name",
+    "target",
+    "estimate",
+    "error",
+    "abs_error",
+    "rel_abs_error",
+)
+HISTORY_COLUMNS = (
+    "epoch",
+    "loss",
+    "fit_loss",
+    "mean_abs_rel_error",
+    "max_abs_rel_error",
+    "expected_survivors",
+    "survivor_goal",
+    "lambda_l0",
+    "gate_shift",
+)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the engine reports to ``callback`` after each epoch (and each refit round).
+
+    ``phase`` is ``"train"`` or ``"refit"``. Errors are over fitted (non-holdout) targets,
+    for the current sampled weights. ``expected_survivors`` is ``sum P(z != 0)``; ``goal``
+    is the survivor count the L0 controller aims at this epoch (``None`` without
+    ``target_records``).
+    """
+
+    phase: str
+    epoch: int
+    epochs: int
+    loss: float
+    mean_abs_rel_error: float
+    max_abs_rel_error: float
+    expected_survivors: float
+    goal: float | None
+    lambda_l0: float
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The outcome of a calibration.
+
+    Attributes
+    ----------
+    weights : numpy.ndarray, shape (n_records,), float64
+        Final weights in the input's record order; 0 for dropped records.
+    kept : numpy.ndarray of bool, shape (n_records,)
+        ``weights != 0``.
+    report : pandas.DataFrame
+        One row per target: name, target, estimate, error, rel_error, abs_rel_error,
+        within_tolerance, holdout.
+    diagnostics : WeightDiagnostics
+        Records kept, Kish effective sample size, design effect, ``w / w0`` summary.
+    history : pandas.DataFrame
+        One row per training epoch: epoch, loss, fit_loss, mean_abs_rel_error,
+        max_abs_rel_error, expected_survivors, survivor_goal, lambda_l0.
+    converged : bool
+        The final solve converged and, if ``tol`` was given, every fitted target is within
+        ``max(tol, its tolerance)``.
+    n_iter : int
+        Training epochs run (plus refit iterations, reported in ``info``).
+    seconds : float
+        Wall time.
+    seed : int
+    method : str
+        ``"l0"`` for this engine; the classic methods name themselves.
+    info : dict
+        Method-specific figures (for the engine: errors before and after the refit,
+        refit iterations, final lambda_l0...).
+    """
+
+    weights: np.ndarray
+    kept: np.ndarray
+    report: pd.DataFrame
+    diagnostics: WeightDiagnostics
+    history: pd.DataFrame
+    converged: bool
+    n_iter: int
+    seconds: float
+    seed: int
+    method: str = "l0"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def fitted_errors(self) -> pd.Series:
+        """Absolute relative errors of the fitted (non-holdout) targets, by name."""
+        r = self.report[~self.report["holdout"]]
+        return pd.Series(r["abs_rel_error"].to_numpy(), index=r["name"], name="abs_rel_error")
+
+    def holdout_errors(self) -> pd.Series:
+        """Absolute relative errors of the holdout targets, by name."""
+        r = self.report[self.report["holdout"]]
+        return pd.Series(r["abs_rel_error"].to_numpy(), index=r["name"], name="abs_rel_error")
+
+
+# ---------------------------------------------------------------------------- validation
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device in ("cpu", "cuda") or str(device).startswith("cuda:"):
+        dev = torch.device(device)
+    else:
+        raise ParameterError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device='cuda' was requested but torch sees no CUDA device")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if isinstance(dtype, torch.dtype) and dtype in table.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in table:
+        return table[dtype]
+    raise ParameterError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+
+
+def _holdout_mask(em: EstimateMatrix, holdout: Any) -> np.ndarray:
+    if holdout is None:
+        return np.zeros(em.n_targets, dtype=bool)
+    arr = np.asarray(holdout)
+    if arr.dtype == bool:
+        if arr.shape != (em.n_targets,):
+            raise ParameterError(f"holdout mask must have shape ({em.n_targets},), got {arr.shape}")
+        return arr.copy()
+    return em._target_mask([str(h) for h in arr.ravel()])
+
+
+def _initial_weights(em: EstimateMatrix, weights: Any) -> np.ndarray:
+    if weights is None:
+        if em.weights is None:
+            raise ParameterError(
+                "weights (initial weights, one per record) are required: the matrix "
+                "does not carry them"
+            )
+        w0 = np.asarray(em.weights, dtype=np.float64)
+    else:
+        w0 = np.asarray(weights, dtype=np.float64).ravel()
+    if w0.shape != (em.n_records,):
+        raise ParameterError(
+            f"weights has length {w0.shape[0]}, but the matrix has {em.n_records} records (columns)"
+        )
+    bad = ~np.isfinite(w0)
+    if bad.any():
+        raise ParameterError(f"weights must be finite; {int(bad.sum())} are NaN or infinite")
+    if (w0 < 0).any():
+        raise ParameterError(f"weights must be >= 0; {int((w0 < 0).sum())} are negative")
+    if not (w0 > 0).any():
+        raise ParameterError("weights are all zero")
+    return w0
+
+
+def _target_coefficients(
+    em: EstimateMatrix, fitted: np.ndarray, normalize_groups: bool
+) -> np.ndarray:
+    c = em.importance * fitted
+    if normalize_groups:
+        labels = [g if g is not None else f"\0{k}" for k, g in enumerate(em.groups)]
+        sizes: dict[str, int] = {}
+        for lab, f in zip(labels, fitted, strict=True):
+            if f:
+                sizes[lab] = sizes.get(lab, 0) + 1
+        c = c / np.array([sizes.get(lab, 1) for lab in labels], dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        raise ParameterError("every fitted target has importance 0: nothing to fit")
+    return c / total
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A validated problem and its loss constants (float64, per target)."""
+
+    em: EstimateMatrix
+    w0: np.ndarray
+    holdout: np.ndarray
+    coef: np.ndarray  # loss weight c_k, 0 on holdout targets, sums to 1
+    scale: np.ndarray  # divisor of each error
+    tol: np.ndarray  # tolerance in units of the scaled error
+    scale_floor: float
+
+    @property
+    def fitted(self) -> np.ndarray:
+        return ~self.holdout
+
+
+def _problem(
+    matrix: Any,
+    targets: Any,
+    weights: Any,
+    holdout: Any,
+    *,
+    normalize_groups: bool,
+    loss: str,
+    scale_floor: float,
+) -> _Problem:
+    em = as_estimate_matrix(matrix, targets)
+    w0 = _initial_weights(em, weights)
+    if loss not in ("relative", "squared"):
+        raise ParameterError(f"loss must be 'relative' or 'squared', got {loss!r}")
+    if not (isinstance(scale_floor, (int, float)) and math.isfinite(scale_floor)):
+        raise ParameterError(f"scale_floor must be a finite number > 0, got {scale_floor!r}")
+    if scale_floor <= 0:
+        raise ParameterError(f"scale_floor must be > 0, got {scale_floor!r}")
+    hold = _holdout_mask(em, holdout)
+    fitted = ~hold
+    if not fitted.any():
+        raise ParameterError("every target is in the holdout: nothing to fit")
+    empty = [em.names[k] for k in np.flatnonzero((em.support() == 0) & fitted)]
+    if empty:
+        raise TargetError(
+            f"{len(empty)} fitted target(s) have no record contributing (all-zero rows): "
+            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; remove them or put "
+            "them in the holdout"
+        )
+    rel_scale = np.maximum(np.abs(em.values), scale_floor)
+    scale = rel_scale
+    if loss == "squared":
+        # Absolute errors, divided by one common scale so lr means the same thing.
+        scale = np.full_like(rel_scale, math.sqrt(float(np.mean(rel_scale**2))))
+    return _Problem(
+        em=em,
+        w0=w0,
+        holdout=hold,
+        coef=_target_coefficients(em, fitted, normalize_groups),
+        scale=scale,
+        tol=em.tolerance * rel_scale / scale,
+        scale_floor=float(scale_floor),
+    )
+
+
+# ---------------------------------------------------------------------------- the log
+class _CsvLog:
+    """microcalibrate's per-target log, written to a temp file and renamed at the end."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, every: int) -> None:
+        self.path = path
+        self.every = every
+        self._ctx: Any = None
+        self._file: Any = None
+        self._writer: Any = None
+
+    def __enter__(self) -> _CsvLog:
+        if self.path is not None:
+            self._ctx = atomic_path(self.path)
+            tmp = self._ctx.__enter__()
+            self._file = open(tmp, "w", newline="")
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(LOG_COLUMNS)
+        return self
+
+    def write(
+        self, epoch: int, loss: float, names: Sequence[str], t: np.ndarray, est: np.ndarray
+    ) -> None:
+        if self._writer is None:
+            return
+        err = est - t
+        rel = np.abs(err) / np.maximum(np.abs(t), 1e-300)
+        for row in zip(names, t, est, err, np.abs(err), rel, strict=True):
+            self._writer.writerow((epoch, loss, *row))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is None:
+            return
+        self._file.close()
+        self._ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------- the engine
+class _Fit:
+    """Training state: parameters, optimizer, gates. One process, all records."""
+
+    def __init__(
+        self,
+        pb: _Problem,
+        *,
+        gated: bool,
+        lambda_l0: float,
+        lambda_l2: float,
+        lr: float,
+        temperature: float,
+        init_keep: float,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        em = pb.em
+        self.n = em.n_records
+        self.op = SparseOperator(em.matrix, dtype, device)
+
+        def tensor(x: np.ndarray) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        self.t, self.scale, self.tol_abs = tensor(em.values), tensor(pb.scale), tensor(pb.tol)
+        self.coef, self.w0 = tensor(pb.coef), tensor(pb.w0)
+        self.u = torch.zeros(self.n, dtype=dtype, device=device, requires_grad=True)
+        self.gates = (
+            HardConcrete(
+                self.n, temperature=temperature, init_mean=init_keep, seed=seed,
+                device=device, dtype=dtype,
+            )
+            if gated
+            else None
+        )  # fmt: skip
+        params = [self.u] + ([self.gates.log_alpha] if self.gates is not None else [])
+        self.opt = torch.optim.Adam(params, lr=lr)
+        self.lambda_l0 = lambda_l0
+        self.lambda_l2 = lambda_l2
+
+    def fit_loss(self, est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = (est - self.t) / self.scale
+        excess = torch.clamp(e.abs() - self.tol_abs, min=0.0)
+        return (self.coef * excess * excess).sum(), e
+
+    def step(self, inflation: float) -> tuple[float, float, torch.Tensor, float]:
+        """One Adam step. ``inflation`` (>= 1) scales every weight by n / expected survivors,
+        so ``u`` and the L2 term measure departures from the inflated initial weight."""
+        self.opt.zero_grad(set_to_none=True)
+        ratio = torch.exp(self.u)
+        if self.gates is not None:
+            z = self.gates.rsample()
+            w = (self.w0 * inflation) * ratio * z
+            p = self.gates.get_active_prob().to(ratio.dtype)
+        else:
+            w = self.w0 * ratio
+            p = torch.ones_like(ratio)
+        est = self.op @ w
+        fit, e = self.fit_loss(est)
+        l2 = (p * (ratio - 1.0) ** 2).sum() / self.n
+        expected = p.sum()
+        total = fit + self.lambda_l2 * l2
+        if self.gates is not None and self.lambda_l0 > 0:
+            total = total + self.lambda_l0 * expected / self.n
+        total.backward()
+        self.opt.step()
+        return float(total.detach()), float(fit.detach()), e.detach(), float(expected.detach())
+
+    @torch.no_grad()
+    def project(self, goal: float) -> float:
+        """Shift every gate logit by one constant so that sum P(z != 0) equals ``goal``.
+
+        The exact-count controller: instead of a penalty whose strength must be tuned, the
+        expected number of survivors is held on a schedule, and the fit decides which
+        records carry it. Solved by safeguarded Newton on the shift; returns the shift.
+        """
+        la = self.gates.log_alpha  # type: ignore[union-attr]
+        x = la.double()
+        c = self.gates.temperature * math.log(-self.gates.gamma / self.gates.zeta)  # type: ignore[union-attr]
+        lo, hi = float(x.min()) - c - 50.0, float(x.max()) - c + 50.0  # f(lo) > 0 > f(hi)
+        b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
+        for _ in range(60):
+            p = torch.sigmoid(x - c - b)
+            f = float(p.sum()) - goal
+            if abs(f) <= 1e-6 * max(goal, 1.0):
+                break
+            if f > 0:
+                lo = b
+            else:
+                hi = b
+            slope = float((p * (1 - p)).sum())
+            step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
+            b = step if lo < step < hi else 0.5 * (lo + hi)
+        la.sub_(b)
+        return b
+
+    @torch.no_grad()
+    def keep_scores(self) -> np.ndarray:
+        if self.gates is None:
+            return np.ones(self.n)
+        return self.gates.get_active_prob().double().cpu().numpy()
+
+    @torch.no_grad()
+    def trained_weights(self, inflation: float) -> tuple[np.ndarray, np.ndarray]:
+        """(weights with the test-time gate, weights with the gate removed), float64."""
+        base = (self.w0 * torch.exp(self.u)).double().cpu().numpy()
+        if self.gates is None:
+            return base, base
+        base = base * inflation
+        z = self.gates.test_gates().double().cpu().numpy()
+        return base * z, base
+
+
+def _select(scores: np.ndarray, k: int) -> np.ndarray:
+    # Highest scores first; equal scores go to the lower record index (stable sort).
+    order = np.argsort(-scores, kind="stable")
+    mask = np.zeros(scores.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def _solve_ratios(
+    pb: _Problem,
+    idx: np.ndarray,
+    base: np.ndarray,
+    lambda_l2: float,
+    *,
+    lower: float,
+    max_iter: int,
+) -> tuple[np.ndarray, scipy.optimize.OptimizeResult]:
+    """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over r >= lower.
+
+    Convex (a squared hinge of an affine map plus a quadratic), bounded, float64: L-BFGS-B.
+    """
+    rows = np.flatnonzero(pb.fitted)
+    ab = (pb.em.matrix[rows][:, idx] @ sp.diags(base)).tocsr()
+    abt = ab.T.tocsr()
+    t, scale, tol, coef = (x[rows] for x in (pb.em.values, pb.scale, pb.tol, pb.coef))
+    m = base.size
+
+    def fun(r: np.ndarray) -> tuple[float, np.ndarray]:
+        e = (ab @ r - t) / scale
+        excess = np.maximum(np.abs(e) - tol, 0.0)
+        d = r - 1.0
+        f = float(np.dot(coef, excess * excess)) + lambda_l2 * float(np.dot(d, d)) / m
+        g_e = 2.0 * coef * excess * np.sign(e) / scale
+        return f, abt @ g_e + (2.0 * lambda_l2 / m) * d
+
+    res = scipy.optimize.minimize(
+        fun,
+        np.ones(m),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=scipy.optimize.Bounds(np.full(m, lower), np.full(m, np.inf)),
+        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-12},
+    )
+    return res.x, res
+
+
+# A record the exact-count refit would drive to zero is swapped for the next candidate
+# (up to _SWAP_ROUNDS times); after that, this floor on w / base keeps the count exact.
+_SWAP_ROUNDS = 3
+_FLOOR = 1e-4
+
+
+def _refit_subset(
+    pb: _Problem,
+    kept: np.ndarray,
+    base: np.ndarray,
+    lambda_l2: float,
+    max_iter: int,
+    *,
+    exact: bool,
+    order: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Refit the weights of the ``kept`` records, starting from and pulled toward ``base``.
+
+    With ``exact``, the result has exactly ``kept.sum()`` non-zero weights: records driven
+    to the floor are replaced by the next ones in ``order`` (candidates, best first).
+    """
+    kept = kept.copy()
+    lower = _FLOOR if exact else 0.0
+    total_iter, swaps = 0, 0
+    for round_ in range(_SWAP_ROUNDS + 1):
+        idx = np.flatnonzero(kept)
+        r, res = _solve_ratios(
+            pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter
+        )
+        total_iter += int(res.nit)
+        at_floor = r <= lower * (1 + 1e-9)
+        if not exact or order is None or round_ == _SWAP_ROUNDS or not at_floor.any():
+            break
+        candidates = order[~kept[order]][: int(at_floor.sum())]
+        if candidates.size == 0:
+            break
+        kept[idx[at_floor][: candidates.size]] = False
+        kept[candidates] = True
+        swaps += int(candidates.size)
+    w = np.zeros(pb.em.n_records)
+    w[idx] = np.maximum(base[idx], 1e-12) * r
+    return w, {
+        "refit_converged": bool(res.success),
+        "refit_message": str(res.message),
+        "refit_iterations": total_iter,
+        "refit_swaps": swaps,
+        "refit_at_floor": int(at_floor.sum()) if exact else 0,
+    }
+
+
+def _result(
+    pb: _Problem,
+    weights: np.ndarray,
+    *,
+    tol: float | None,
+    converged: bool,
+    not_converged_reason: str,
+    history: pd.DataFrame,
+    n_iter: int,
+    start: float,
+    seed: int,
+    method: str,
+    info: dict[str, Any],
+) -> CalibrationResult:
+    """Report, diagnostics and the tolerance check shared by every fitting function."""
+    report = target_report(pb.em, weights, pb.holdout, scale_floor=pb.scale_floor)
+    fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
+    if tol is not None:
+        allowed = np.maximum(tol, pb.em.tolerance[pb.fitted]) + 1e-12
+        missed = int((fitted_err > allowed).sum())
+        if missed:
+            converged = False
+            warnings.warn(
+                f"{missed} of {fitted_err.size} fitted targets are outside the requested "
+                f"tolerance {tol:g} (largest abs relative error {fitted_err.max():.3g})",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+    elif not converged:
+        warnings.warn(not_converged_reason, ConvergenceWarning, stacklevel=3)
+    hold = report.loc[pb.holdout, "abs_rel_error"]
+    info = {
+        **info,
+        "mean_abs_rel_error": float(fitted_err.mean()),
+        "max_abs_rel_error": float(fitted_err.max()),
+        "holdout_mean_abs_rel_error": float(hold.mean()) if len(hold) else None,
+        "holdout_max_abs_rel_error": float(hold.max()) if len(hold) else None,
+    }
+    return CalibrationResult(
+        weights=weights,
+        kept=weights != 0,
+        report=report,
+        diagnostics=weight_diagnostics(weights, pb.w0),
+        history=history,
+        converged=converged,
+        n_iter=n_iter,
+        seconds=time.perf_counter() - start,
+        seed=seed,
+        method=method,
+        info=info,
+    )
+
+
+def calibrate(
+    matrix: Any,
+    targets: Any = None,
+    *,
+    weights: Any = None,
+    target_records: int | None = None,
+    lambda_l0: float | None = None,
+    lambda_l2: float = 1e-3,
+    epochs: int = 600,
+    lr: float = 0.05,
+    loss: LossName = "relative",
+    normalize_groups: bool = True,
+    holdout: Any = None,
+    tol: float | None = None,
+    temperature: float = 2 / 3,
+    init_keep: float = 0.99,
+    scale_floor: float = 1.0,
+    refit: bool = True,
+    refit_max_iter: int = 2000,
+    patience: int = 100,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    callback: Callable[[Progress], bool | None] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    log_every: int = 10,
+) -> CalibrationResult:
+    """Calibrate weights to targets, optionally keeping exactly ``target_records`` records.
+
+    Parameters
+    ----------
+    matrix : EstimateMatrix, DataFrame, scipy sparse matrix or 2-D array
+        The estimate matrix ``A`` (targets x records), or anything
+        :func:`l0calib.as_estimate_matrix` accepts (with ``targets``).
+    targets : array-like or mapping, optional
+        Target values ``t``, shape (n_targets,), when ``matrix`` does not carry them.
+    weights : array-like, shape (n_records,), optional
+        Initial weights ``w0`` (finite, >= 0); defaults to the matrix's own.
+    target_records : int, optional
+        Return exactly this many non-zero weights (1 <= K <= n_records). The L0 strength is
+        then steered automatically; do not pass ``lambda_l0``.
+    lambda_l0 : float, optional
+        Without ``target_records``: the L0 strength, multiplying the expected *fraction* of
+        records kept. ``None`` or 0 calibrates all records without gates.
+    lambda_l2 : float, default 1e-3
+        Strength of the L2 pull of ``w / w0`` toward 1 (mean over records), in training
+        and, toward the trained weights, in the refit.
+    epochs : int, default 600
+        Training steps (each uses every record). The refit runs after them.
+    lr : float, default 0.05
+        Adam learning rate for the log weight ratios and gate logits.
+    loss : {"relative", "squared"}
+        ``relative``: errors divided by ``max(|t_k|, scale_floor)``. ``squared``: absolute
+        errors, divided by one common scale (the root mean square of those).
+    normalize_groups : bool, default True
+        Weigh each target group equally (targets without a group are groups of one).
+    holdout : sequence of target names, or boolean mask, optional
+        Targets left out of the loss but reported (``report["holdout"]``).
+    tol : float, optional
+        Requested maximum absolute relative error on fitted targets (a target's own
+        ``tolerance`` counts if larger). Missing it sets ``converged=False`` and warns with
+        :class:`~l0calib.ConvergenceWarning`.
+    temperature : float, default 2/3
+        Hard Concrete temperature.
+    init_keep : float, default 0.99
+        Initial ``sigmoid(log_alpha)`` of every gate.
+    scale_floor : float, default 1.0
+        Smallest divisor of a relative error, in the target's units, so a target of 0
+        does not divide by zero.
+    refit : bool, default True
+        Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
+    refit_max_iter : int, default 2000
+    patience : int, default 100
+        Stop training early when the loss has not improved by 0.1% for this many epochs
+        (only once the survivor goal is reached).
+    seed : int, default 0
+        Seeds the gate noise. Same inputs and seed give identical weights on CPU.
+    device : {"cpu", "cuda", "auto"}
+    dtype : {"float32", "float64"}
+        Training precision; the refit is always float64.
+    callback : callable, optional
+        Called with a :class:`Progress` after every epoch; returning ``False`` stops
+        training early (the refit still runs).
+    log_path : path, optional
+        A CSV log in microcalibrate's format (epoch, loss, target_name, target, estimate,
+        error, abs_error, rel_abs_error), one block every ``log_every`` epochs.
+    log_every : int, default 10
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    ParameterError
+        Invalid arguments or shapes, non-finite or negative weights, ``target_records`` out
+        of range.
+    TargetError
+        A fitted target that no record contributes to.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> A = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+    >>> res = calibrate(A, [8.0, 5.0], weights=np.ones(4), epochs=50)
+    >>> np.round(res.report["estimate"].to_numpy(), 6).tolist()
+    [8.0, 5.0]
+    """
+    start = time.perf_counter()
+    pb = _problem(
+        matrix, targets, weights, holdout,
+        normalize_groups=normalize_groups, loss=loss, scale_floor=scale_floor,
+    )  # fmt: skip
+    em, n = pb.em, pb.em.n_records
+    dev = _resolve_device(device)
+    tdtype = _resolve_dtype(dtype)
+    _check_options(
+        n, target_records, lambda_l0, lambda_l2, epochs, lr, temperature, init_keep,
+        patience, log_every, tol, refit_max_iter,
+    )  # fmt: skip
+    k_goal = target_records
+    gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
+    fit = _Fit(
+        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+    )  # fmt: skip
+    fitted_t = torch.as_tensor(pb.fitted, device=dev)
+    history: list[tuple] = []
+    # The survivor goal falls linearly from n to K over the first 60% of the epochs.
+    ramp = max(1, int(0.6 * epochs))
+    best, since_best, epoch, shift, survivors = math.inf, 0, 0, 0.0, float(n)
+    with _CsvLog(log_path, log_every) as log:
+        for epoch in range(1, epochs + 1):
+            goal = n - (n - k_goal) * min(1.0, epoch / ramp) if gated and k_goal else None
+            # Weights are inflated by n / expected survivors (a Horvitz-Thompson-like
+            # expansion), so survivors carry the totals without u having to learn it.
+            inflation = n / goal if goal is not None else n / max(survivors, 1.0)
+            total, fit_l, e, expected = fit.step(inflation)
+            survivors = expected
+            if goal is not None:
+                shift += fit.project(goal)
+                expected = goal
+            abs_e = e.abs()[fitted_t]
+            mean_e, max_e = float(abs_e.mean()), float(abs_e.max())
+            lam = fit.lambda_l0 if k_goal is None else float("nan")
+            history.append((epoch, total, fit_l, mean_e, max_e, expected, goal, lam, shift))
+            if log.path is not None and (epoch % log_every == 0 or epoch == 1):
+                log.write(epoch, total, em.names, em.values, em.values + _np(e * fit.scale))
+            if callback is not None:
+                progress = Progress(
+                    "train", epoch, epochs, total, mean_e, max_e, expected, goal, lam
+                )
+                if callback(progress) is False:
+                    break
+            # Early stopping counts only once the survivor goal has reached K.
+            if goal is not None and goal > k_goal:
+                continue
+            if total < best * (1 - 1e-3):
+                best, since_best = total, 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
+
+        final = k_goal if k_goal is not None else survivors
+        gated_w, base = fit.trained_weights(n / max(final, 1.0))
+        scores = fit.keep_scores()
+        if k_goal is not None:
+            kept = _select(scores, k_goal) if k_goal < n else np.ones(n, dtype=bool)
+        else:
+            kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
+        before = np.where(kept, gated_w, 0.0)
+        weights_out, info = before, {"refit_converged": True}
+        if refit and kept.any():
+            order = np.argsort(-scores, kind="stable")
+            weights_out, info = _refit_subset(
+                pb, kept, base, lambda_l2, refit_max_iter, exact=k_goal is not None, order=order
+            )
+        if log.path is not None:
+            log.write(epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
+
+    before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
+    before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
+    info.update(
+        {
+            "target_records": target_records,
+            "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
+            "gate_shift_final": shift,
+            "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
+            "max_abs_rel_error_before_refit": float(before_fitted.max()),
+            "device": str(dev),
+            "dtype": str(tdtype).removeprefix("torch."),
+        }
+    )
+    return _result(
+        pb,
+        weights_out,
+        tol=tol,
+        converged=bool(info["refit_converged"]),
+        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+        history=pd.DataFrame(history, columns=list(HISTORY_COLUMNS)),
+        n_iter=epoch,
+        start=start,
+        seed=seed,
+        method="l0",
+        info=info,
+    )
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().double().cpu().numpy()
+
+
+def refit(
+    matrix: Any,
+    keep: Any,
+    targets: Any = None,
+    *,
+    weights: Any = None,
+    holdout: Any = None,
+    lambda_l2: float = 1e-3,
+    normalize_groups: bool = True,
+    loss: LossName = "relative",
+    scale_floor: float = 1.0,
+    tol: float | None = None,
+    max_iter: int = 2000,
+) -> CalibrationResult:
+    """Reweight a chosen subset of records so the targets hold (no gates, no training).
+
+    Minimises the engine's fit loss plus ``lambda_l2 * mean((w / w_start - 1)^2)`` over
+    non-negative weights of the ``keep`` records (L-BFGS-B, float64); the others get 0.
+    This is the engine's refit step on its own: use it for a sample drawn some other way
+    (for example at random, as a baseline).
+
+    Parameters
+    ----------
+    matrix, targets
+        As for :func:`calibrate`.
+    keep : array-like of bool, shape (n_records,), or integer indices
+        The records to keep.
+    weights : array-like, shape (n_records,), optional
+        Starting weights of the kept records (e.g. initial weights inflated by n / K);
+        defaults to the matrix's own weights.
+    holdout, lambda_l2, normalize_groups, loss, scale_floor, tol
+        As for :func:`calibrate`.
+    max_iter : int, default 2000
+
+    Returns
+    -------
+    CalibrationResult
+        ``method="refit"``; some kept records may end with weight 0 if that fits best.
+    """
+    start = time.perf_counter()
+    pb = _problem(
+        matrix, targets, weights, holdout,
+        normalize_groups=normalize_groups, loss=loss, scale_floor=scale_floor,
+    )  # fmt: skip
+    n = pb.em.n_records
+    arr = np.asarray(keep)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ParameterError(f"keep mask must have shape ({n},), got {arr.shape}")
+        mask = arr.copy()
+    else:
+        idx = arr.astype(np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ParameterError(f"keep indices must be in [0, {n}), got {idx.min()}..{idx.max()}")
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+    if not mask.any():
+        raise ParameterError("keep selects no record")
+    _check_positive_int("max_iter", max_iter)
+    _check_nonneg("lambda_l2", lambda_l2)
+    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=False)
+    return _result(
+        pb,
+        w,
+        tol=tol,
+        converged=info["refit_converged"],
+        not_converged_reason=f"the refit did not converge: {info['refit_message']}",
+        history=pd.DataFrame(columns=list(HISTORY_COLUMNS)),
+        n_iter=info["refit_iterations"],
+        start=start,
+        seed=0,
+        method="refit",
+        info=info,
+    )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_nonneg(name: str, value: object) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
+        raise ParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_options(
+    n: int,
+    target_records: int | None,
+    lambda_l0: float | None,
+    lambda_l2: float,
+    epochs: int,
+    lr: float,
+    temperature: float,
+    init_keep: float,
+    patience: int,
+    log_every: int,
+    tol: float | None,
+    refit_max_iter: int,
+) -> None:
+    if target_records is not None:
+        if isinstance(target_records, bool) or not isinstance(target_records, (int, np.integer)):
+            raise ParameterError(f"target_records must be an integer, got {target_records!r}")
+        if not 1 <= target_records <= n:
+            raise ParameterError(
+                f"target_records must be between 1 and the number of records ({n:,}), "
+                f"got {target_records:,}"
+            )
+        if lambda_l0 is not None:
+            raise ParameterError(
+                "lambda_l0 is steered automatically when target_records is set; pass one "
+                "or the other"
+            )
+    _check_nonneg("lambda_l2", lambda_l2)
+    if lambda_l0 is not None:
+        _check_nonneg("lambda_l0", lambda_l0)
+    for name, value in (
+        ("epochs", epochs),
+        ("patience", patience),
+        ("log_every", log_every),
+        ("refit_max_iter", refit_max_iter),
+    ):
+        _check_positive_int(name, value)
+    for name, value in (("lr", lr), ("temperature", temperature)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ParameterError(f"{name} must be a finite number > 0, got {value!r}")
+    if not (isinstance(init_keep, (int, float)) and 0 < init_keep < 1):
+        raise ParameterError(f"init_keep must be strictly between 0 and 1, got {init_keep!r}")
+    if tol is not None:
+        _check_nonneg("tol", tol)

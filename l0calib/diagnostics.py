@@ -1,0 +1,165 @@
+"""Diagnostics of a set of weights: effective sample size, design effect, per-target errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from l0calib.targets import EstimateMatrix
+
+__all__ = [
+    "WeightDiagnostics",
+    "design_effect",
+    "effective_sample_size",
+    "target_report",
+    "weight_diagnostics",
+]
+
+REPORT_COLUMNS = (
+    "name",
+    "target",
+    "estimate",
+    "error",
+    "rel_error",
+    "abs_rel_error",
+    "within_tolerance",
+    "holdout",
+)
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` over the non-zero weights.
+
+    Kish (1965), *Survey Sampling*. Equal weights give the number of records; unequal
+    weights give fewer. Returns 0.0 when every weight is 0.
+
+    >>> effective_sample_size(np.array([1.0, 1.0, 1.0, 0.0]))
+    3.0
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    s2 = float(np.dot(w, w))
+    return float(w.sum() ** 2 / s2) if s2 > 0 else 0.0
+
+
+def design_effect(weights: np.ndarray) -> float:
+    """Kish's design effect due to weighting, ``1 + CV^2`` of the non-zero weights.
+
+    Equals ``n_nonzero / effective_sample_size``. Returns ``nan`` without non-zero weights.
+
+    >>> design_effect(np.array([1.0, 3.0]))
+    1.25
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w[w != 0]
+    if w.size == 0:
+        return float("nan")
+    return float(w.size * np.dot(w, w) / w.sum() ** 2)
+
+
+@dataclass(frozen=True)
+class WeightDiagnostics:
+    """Summary of final weights against initial weights.
+
+    Attributes
+    ----------
+    n_records : int
+        Records in the input.
+    n_kept : int
+        Records with a non-zero final weight.
+    effective_sample_size : float
+        Kish's ``(sum w)^2 / sum w^2``.
+    design_effect : float
+        ``1 + CV^2`` of the non-zero weights.
+    ratio_min, ratio_max : float
+        Smallest and largest ``w / w0`` over kept records with ``w0 > 0`` (``nan`` if none).
+    ratio_quartiles : tuple of float
+        25th, 50th and 75th percentiles of those ratios (the g-weights).
+    total_weight, initial_total_weight : float
+        ``sum w`` and ``sum w0``.
+    """
+
+    n_records: int
+    n_kept: int
+    effective_sample_size: float
+    design_effect: float
+    ratio_min: float
+    ratio_max: float
+    ratio_quartiles: tuple[float, float, float]
+    total_weight: float
+    initial_total_weight: float
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain-Python dictionary (for JSON summaries)."""
+        return {
+            "n_records": self.n_records,
+            "n_kept": self.n_kept,
+            "effective_sample_size": self.effective_sample_size,
+            "design_effect": self.design_effect,
+            "ratio_min": self.ratio_min,
+            "ratio_max": self.ratio_max,
+            "ratio_quartiles": list(self.ratio_quartiles),
+            "total_weight": self.total_weight,
+            "initial_total_weight": self.initial_total_weight,
+        }
+
+
+def weight_diagnostics(weights: np.ndarray, initial: np.ndarray) -> WeightDiagnostics:
+    """Diagnostics of ``weights`` (shape (n,)) against ``initial`` weights (shape (n,))."""
+    w = np.asarray(weights, dtype=np.float64)
+    w0 = np.asarray(initial, dtype=np.float64)
+    kept = w != 0
+    usable = kept & (w0 > 0)
+    ratio = w[usable] / w0[usable]
+    if ratio.size:
+        q = np.percentile(ratio, [25, 50, 75])
+        rmin, rmax, quartiles = float(ratio.min()), float(ratio.max()), tuple(map(float, q))
+    else:
+        nan = float("nan")
+        rmin, rmax, quartiles = nan, nan, (nan, nan, nan)
+    return WeightDiagnostics(
+        n_records=int(w.size),
+        n_kept=int(kept.sum()),
+        effective_sample_size=effective_sample_size(w),
+        design_effect=design_effect(w),
+        ratio_min=rmin,
+        ratio_max=rmax,
+        ratio_quartiles=quartiles,  # type: ignore[arg-type]
+        total_weight=float(w.sum()),
+        initial_total_weight=float(w0.sum()),
+    )
+
+
+def target_report(
+    em: EstimateMatrix,
+    weights: np.ndarray,
+    holdout: np.ndarray | None = None,
+    *,
+    scale_floor: float = 1.0,
+) -> pd.DataFrame:
+    """Per-target table: name, target, estimate, error, rel_error, abs_rel_error,
+    within_tolerance, holdout.
+
+    ``rel_error = (estimate - target) / max(|target|, scale_floor)``; a target is within
+    tolerance when ``abs_rel_error <= tolerance`` (its ``tolerance`` column, default 0) up
+    to a float rounding margin of 1e-9.
+    """
+    est = em.estimates(weights)
+    err = est - em.values
+    scale = np.maximum(np.abs(em.values), scale_floor)
+    rel = err / scale
+    hold = np.zeros(em.n_targets, dtype=bool) if holdout is None else np.asarray(holdout, bool)
+    return pd.DataFrame(
+        {
+            "name": list(em.names),
+            "target": em.values,
+            "estimate": est,
+            "error": err,
+            "rel_error": rel,
+            "abs_rel_error": np.abs(rel),
+            "within_tolerance": np.abs(rel) <= em.tolerance + 1e-9,
+            "holdout": hold,
+        },
+        columns=list(REPORT_COLUMNS),
+    )
