@@ -6,6 +6,7 @@ internal and may change.
 """
 
 from l0calib._version import __version__
+from l0calib.calibrate import CalibrationResult, Progress, calibrate, refit
 from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.exceptions import (
     CalibrationError,
@@ -27,20 +28,24 @@ from l0calib.targets import (
 
 __all__ = [
     "CalibrationError",
+    "CalibrationResult",
     "ConvergenceWarning",
     "DataError",
     "EstimateMatrix",
     "HardConcrete",
     "L0CalibError",
     "ParameterError",
+    "Progress",
     "SyntheticSurvey",
     "Target",
     "TargetError",
     "__version__",
     "as_estimate_matrix",
     "build_estimate_matrix",
+    "calibrate",
     "read_table",
     "read_targets",
+    "refit",
     "synthetic_survey",
     "write_table",
 ]

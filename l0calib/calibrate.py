@@ -603,6 +603,7 @@ def calibrate(
     init_keep: float = 0.99,
     scale_floor: float = 1.0,
     refit: bool = True,
+    refit_l2: float = 1e-6,
     refit_max_iter: int = 2000,
     patience: int = 100,
     seed: int = 0,
@@ -630,8 +631,8 @@ def calibrate(
         Without ``target_records``: the L0 strength, multiplying the expected *fraction* of
         records kept. ``None`` or 0 calibrates all records without gates.
     lambda_l2 : float, default 1e-3
-        Strength of the L2 pull of ``w / w0`` toward 1 (mean over records), in training
-        and, toward the trained weights, in the refit.
+        Training: strength of the L2 pull of each weight toward its initial weight inflated
+        by n / (expected survivors), as a mean over records, in expectation over the gates.
     epochs : int, default 600
         Training steps (each uses every record). The refit runs after them.
     lr : float, default 0.05
@@ -656,6 +657,9 @@ def calibrate(
         does not divide by zero.
     refit : bool, default True
         Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
+    refit_l2 : float, default 1e-6
+        Refit: strength of the pull toward the trained weights, ``mean((w / w_trained -
+        1)^2)``. Small by default, so it only picks among equally good fits.
     refit_max_iter : int, default 2000
     patience : int, default 100
         Stop training early when the loss has not improved by 0.1% for this many epochs
@@ -705,6 +709,7 @@ def calibrate(
         n, target_records, lambda_l0, lambda_l2, epochs, lr, temperature, init_keep,
         patience, log_every, tol, refit_max_iter,
     )  # fmt: skip
+    _check_nonneg("refit_l2", refit_l2)
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
     fit = _Fit(
@@ -761,8 +766,9 @@ def calibrate(
         if refit and kept.any():
             order = np.argsort(-scores, kind="stable")
             weights_out, info = _refit_subset(
-                pb, kept, base, lambda_l2, refit_max_iter, exact=k_goal is not None, order=order
-            )
+                pb, kept, base, refit_l2, refit_max_iter,
+                exact=k_goal is not None, order=order,
+            )  # fmt: skip
         if log.path is not None:
             log.write(epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
 
@@ -805,7 +811,7 @@ def refit(
     *,
     weights: Any = None,
     holdout: Any = None,
-    lambda_l2: float = 1e-3,
+    lambda_l2: float = 1e-6,
     normalize_groups: bool = True,
     loss: LossName = "relative",
     scale_floor: float = 1.0,

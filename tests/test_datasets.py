@@ -10,8 +10,10 @@ from l0calib import ParameterError, build_estimate_matrix, synthetic_survey
 
 
 def test_same_seed_same_data_other_seed_differs() -> None:
-    a, b, c = synthetic_survey(1000, seed=3), synthetic_survey(1000, seed=3), synthetic_survey(
-        1000, seed=4
+    a, b, c = (
+        synthetic_survey(1000, seed=3),
+        synthetic_survey(1000, seed=3),
+        synthetic_survey(1000, seed=4),
     )
     pd.testing.assert_frame_equal(a.households, b.households)
     pd.testing.assert_frame_equal(a.persons, b.persons)

@@ -64,9 +64,7 @@ def test_tiny_fixture_matrix_is_exact() -> None:
     np.testing.assert_array_equal(em.record_ids, [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(em.weights, [100, 200, 150, 50, 80])
     # the initial estimates are A @ w0
-    np.testing.assert_allclose(
-        em.estimates(em.weights), [580, 300, 200, 5_000_000, 250, 100]
-    )
+    np.testing.assert_allclose(em.estimates(em.weights), [580, 300, 200, 5_000_000, 250, 100])
     np.testing.assert_array_equal(em.support(), [5, 2, 1, 1, 2, 1])
 
 
@@ -126,7 +124,9 @@ def test_select_targets_and_to_frame() -> None:
     assert list(em.to_frame().columns) == [
         "name", "value", "group", "importance", "tolerance", "support"
     ]  # fmt: skip
-    with pytest.raises(TargetError, match="unknown target name 'childen' \\(did you mean 'children'"):
+    with pytest.raises(
+        TargetError, match="unknown target name 'childen' \\(did you mean 'children'"
+    ):
         em.select_targets(["childen"])
 
 
@@ -234,7 +234,7 @@ def test_extra_columns_are_allowed_and_names_keep_text(tmp_path: Path) -> None:
 
 
 def test_empty_targets_table(tmp_path: Path) -> None:
-    with pytest.raises(TargetError, match="targets.csv: the targets table has no rows"):
+    with pytest.raises(TargetError, match=r"targets\.csv: the targets table has no rows"):
         read_targets(_targets_csv(tmp_path, "name,value\n"))
 
 
@@ -247,8 +247,8 @@ def test_unknown_column_type_error_and_missing_values_in_data(tmp_path: Path) ->
         "snap_CA,1,incme,,\n"
         "bad_cmp,1,,state == 3,\n"
         "nan_income,1,income,,\n"
-        "nan_ok,1,income,state == \"NY\",\n"
-        "handled,1,\"where(isnull(income), 0, income)\",,\n"
+        'nan_ok,1,income,state == "NY",\n'
+        'handled,1,"where(isnull(income), 0, income)",,\n'
         "text_var,1,state,,\n"
         "num_filter,1,,income,\n"
         "persons_missing,1,,age > 3,person\n"
@@ -276,7 +276,10 @@ def test_unknown_column_type_error_and_missing_values_in_data(tmp_path: Path) ->
 def test_zero_support_is_flagged_not_dropped(tmp_path: Path) -> None:
     path = _targets_csv(
         tmp_path,
-        'name,value,variable,filter\nnobody,5,,state == "WA"\nzero_sum,5,snap,state == "NY" and snap == 0\nok,1,,\n',
+        "name,value,variable,filter\n"
+        'nobody,5,,state == "WA"\n'
+        'zero_sum,5,snap,state == "NY" and snap == 0\n'
+        "ok,1,,\n",
     )
     with pytest.raises(TargetError) as info:
         build_estimate_matrix(tiny("households.csv"), path)
