@@ -694,7 +694,7 @@ def calibrate(
     >>> import numpy as np
     >>> A = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
     >>> res = calibrate(A, [8.0, 5.0], weights=np.ones(4), epochs=50)
-    >>> np.round(res.report["estimate"].to_numpy(), 6).tolist()
+    >>> np.round(res.report["estimate"].to_numpy(), 4).tolist()
     [8.0, 5.0]
     """
     start = time.perf_counter()
