@@ -1,0 +1,233 @@
+"""The calibration engine side by side with l0-python and with baselines.
+
+    python benchmarks/bench_engine.py accuracy --households 100000 --keep 20000
+    python benchmarks/bench_engine.py scaling --records 1000000 --targets 2000
+
+accuracy: synthetic_survey(N, seed=0), 10% of the targets held out (seed 0), keep K:
+  - l0calib.calibrate(target_records=K)
+  - l0-python's SparseCalibrationWeights (pip install l0-python==0.6.2, the `bench` extra)
+    on the same A, t, w0, relative loss, groups normalised, same epochs, lambda_l0 found by
+    bisection so that it keeps about K records; its own weights, and the same weights
+    after l0calib's refit
+  - K records drawn with probability proportional to w0 (3 draws), then l0calib.refit
+  - all N records calibrated (l0calib.calibrate without pruning): the accuracy ceiling
+Each method runs in a fresh child process, so its peak RSS (VmHWM) is its own.
+
+scaling: a random sparse problem of the given size (20 non-zeros per record), l0calib's
+time per epoch and peak RSS, and the bytes moved per epoch against a measured memory
+bandwidth (a large numpy copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+SEED = 0
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _problem(households: int):
+    from l0calib import build_estimate_matrix, synthetic_survey
+
+    s = synthetic_survey(households, seed=SEED)
+    em = build_estimate_matrix(s.households, s.targets, s.persons)
+    hold = np.random.default_rng(SEED).random(em.n_targets) < 0.1
+    return em, hold
+
+
+def _summary(em, hold, weights, seconds, epochs=None, extra=None):
+    from l0calib.diagnostics import effective_sample_size, target_report
+
+    rep = target_report(em, weights, hold)
+    fit, ho = rep[~rep["holdout"]], rep[rep["holdout"]]
+    out = {
+        "kept": int(np.count_nonzero(weights)),
+        "fit_mean": float(fit["abs_rel_error"].mean()),
+        "fit_max": float(fit["abs_rel_error"].max()),
+        "holdout_mean": float(ho["abs_rel_error"].mean()),
+        "holdout_max": float(ho["abs_rel_error"].max()),
+        "ess": effective_sample_size(weights),
+        "seconds": seconds,
+        "epochs": epochs,
+        "peak_rss_mb": _hwm_mb(),
+    }
+    out.update(extra or {})
+    return out
+
+
+def run_method(method: str, households: int, keep: int, epochs: int, draw: int) -> dict:
+    from l0calib import calibrate, refit
+
+    em, hold = _problem(households)
+    base_rss = _hwm_mb()
+    w0 = em.weights
+    n = em.n_records
+    warnings.simplefilter("ignore")
+    if method == "l0calib":
+        stamps: list[float] = []
+        start = time.perf_counter()
+        res = calibrate(
+            em, target_records=keep, holdout=hold, epochs=epochs, seed=SEED,
+            callback=lambda p: stamps.append(time.perf_counter()),
+        )  # fmt: skip
+        total = time.perf_counter() - start
+        per_epoch = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+        return _summary(em, hold, res.weights, total, res.n_iter, {
+            "seconds_per_epoch": per_epoch, "data_rss_mb": base_rss,
+            "fit_mean_before_refit": res.info["mean_abs_rel_error_before_refit"],
+        })  # fmt: skip
+    if method == "all":
+        start = time.perf_counter()
+        res = calibrate(em, holdout=hold, epochs=epochs, seed=SEED)
+        return _summary(em, hold, res.weights, time.perf_counter() - start, res.n_iter)
+    if method == "random":
+        rng = np.random.default_rng(1000 + draw)
+        idx = rng.choice(n, size=keep, replace=False, p=w0 / w0.sum())
+        start_w = w0.copy()
+        start_w[idx] = w0.sum() / keep  # Horvitz-Thompson weight of a PPS draw
+        start = time.perf_counter()
+        res = refit(em, idx, weights=start_w, holdout=hold)
+        return _summary(em, hold, res.weights, time.perf_counter() - start)
+    if method.startswith("l0python"):
+        return _run_l0python(em, hold, keep, epochs, lam=float(method.split(":")[1]))
+    raise SystemExit(f"unknown method {method}")
+
+
+def _run_l0python(em, hold, keep, epochs, lam):
+    import torch
+    from l0.calibration import SparseCalibrationWeights
+
+    from l0calib import refit
+
+    fitted = ~hold
+    m = em.matrix[fitted]
+    y = em.values[fitted]
+    labels = {g: i for i, g in enumerate(dict.fromkeys(em.groups[fitted]))}
+    groups = np.array([labels[g] for g in em.groups[fitted]])
+    torch.manual_seed(SEED)
+    model = SparseCalibrationWeights(
+        n_features=em.n_records, init_weights=em.weights, init_keep_prob=0.999, seed=SEED
+    )
+    start = time.perf_counter()
+    model.fit(m, y, lambda_l0=lam, lambda_l2=0.0, lr=0.05, epochs=epochs,
+              loss_type="relative", target_groups=groups, normalize_groups=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    w = model.get_weights(deterministic=True).detach().double().numpy()
+    extra = {"lambda_l0": lam, "seconds_per_epoch": seconds / epochs}
+    out = _summary(em, hold, w, seconds, epochs, extra)
+    kept = w > 0
+    if kept.any():
+        r = refit(em, kept, weights=np.where(kept, w, em.weights), holdout=hold)
+        after = _summary(em, hold, r.weights, 0.0)
+        out.update({f"refit_{k}": after[k] for k in ("kept", "fit_mean", "holdout_mean")})
+    return out
+
+
+def _child(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "_run", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    common = [str(args.households), str(args.keep), str(args.epochs)]
+    rows: dict[str, dict] = {}
+    rows["l0calib"] = _child("l0calib", *common, "0")
+    print("l0calib", rows["l0calib"], flush=True)
+    rows["all records"] = _child("all", *common, "0")
+    print("all", rows["all records"], flush=True)
+    for d in range(3):
+        rows[f"random + refit #{d}"] = _child("random", *common, str(d))
+        print("random", d, rows[f"random + refit #{d}"], flush=True)
+    if not args.skip_l0python:
+        # Bisection on log(lambda_l0) for about K kept records (deterministic gates > 0).
+        lo, hi, best = math.log(1e-7), math.log(1e-1), None
+        for _ in range(args.lambda_steps):
+            lam = math.exp(0.5 * (lo + hi))
+            r = _child(f"l0python:{lam}", *common, "0")
+            print("l0-python", r, flush=True)
+            if best is None or abs(r["kept"] - args.keep) < abs(best["kept"] - args.keep):
+                best = r
+            if r["kept"] > args.keep:
+                lo = math.log(lam)
+            else:
+                hi = math.log(lam)
+        rows["l0-python"] = best
+    print(json.dumps(rows, indent=1))
+
+
+def scaling(args: argparse.Namespace) -> None:
+    import scipy.sparse as sp
+
+    from l0calib import calibrate
+
+    n, k = args.records, args.targets
+    rng = np.random.default_rng(SEED)
+    nnz_per_record = 20
+    rows = rng.integers(0, k, size=n * nnz_per_record)
+    cols = np.repeat(np.arange(n), nnz_per_record)
+    a = sp.csr_matrix((rng.uniform(0.5, 2, rows.size), (rows, cols)), shape=(k, n))
+    w0 = rng.uniform(50, 150, n)
+    t = (a @ (w0 * rng.uniform(0.8, 1.2, n))) * 1.0
+    del rows, cols
+    base = _hwm_mb()
+    stamps: list[float] = []
+    calibrate(
+        a, t, weights=w0, target_records=n // 5, epochs=args.epochs, seed=SEED, refit=False,
+        callback=lambda p: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    per_epoch = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    big = np.ones(50_000_000)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        big2 = big.copy()
+    bw = 5 * 2 * big.nbytes / (time.perf_counter() - t0)  # read + write per copy
+    del big2
+    # Two passes over the non-zeros (A and A.T, float32 values + int32 indices) plus the
+    # records-length vectors read/written per step (about 12 float32 arrays).
+    moved = 2 * a.nnz * 8 + 12 * n * 4
+    print(json.dumps({
+        "records": n, "targets": k, "nnz": int(a.nnz), "epochs": len(stamps),
+        "seconds_per_epoch": per_epoch, "peak_rss_mb": _hwm_mb(), "rss_before_fit_mb": base,
+        "bytes_per_epoch": moved, "achieved_gb_s": moved / per_epoch / 1e9,
+        "copy_bandwidth_gb_s": bw / 1e9,
+    }, indent=1))  # fmt: skip
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        method, households, keep, epochs, draw = sys.argv[2:7]
+        print(json.dumps(run_method(method, int(households), int(keep), int(epochs), int(draw))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("--households", type=int, default=100_000)
+    acc.add_argument("--keep", type=int, default=20_000)
+    acc.add_argument("--epochs", type=int, default=600)
+    acc.add_argument("--lambda-steps", type=int, default=8)
+    acc.add_argument("--skip-l0python", action="store_true")
+    sc = sub.add_parser("scaling")
+    sc.add_argument("--records", type=int, default=1_000_000)
+    sc.add_argument("--targets", type=int, default=2_000)
+    sc.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+    accuracy(args) if args.what == "accuracy" else scaling(args)
+
+
+if __name__ == "__main__":
+    main()
