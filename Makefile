@@ -1,5 +1,5 @@
 # Set-up and checks on a fresh machine (Python 3.11, no torch installed):
-#   make demo   install into .venv, then run l0calib on a shipped example
+#   make demo   install into .venv, then reweight the shipped 5,000-household fixture to 1,000
 #   make test   install into .venv (with the dev extra), then run the whole test suite
 # torch is installed first, pinned by constraints.txt to the local CPU wheel.
 
@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+FIXTURE := data/fixtures/survey_5k
+
 demo: $(STAMP)
-	$(VENV)/bin/l0calib --version
-	$(VENV)/bin/l0calib gate --n 10000 --init-mean 0.3 --seed 0
+	mkdir -p build/demo
+	$(VENV)/bin/l0calib reweight $(FIXTURE)/households.parquet $(FIXTURE)/targets.csv \
+		--persons $(FIXTURE)/persons.parquet --target-records 1000 --holdout-fraction 0.1 \
+		-o build/demo/households_1000.parquet --force
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -37,4 +41,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .mypy_cache *.egg-info

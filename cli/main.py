@@ -7,22 +7,31 @@ missed the requested tolerance.
 from __future__ import annotations
 
 import sys
+import time
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import l0calib
+from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
+from l0calib.io import atomic_path, read_table, table_format
+from l0calib.report import apply_weights, keep_linked_rows, write_report
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
     "3 the fit finished but missed the requested tolerance."
 )
+EXIT_TOLERANCE = 3
 
 app = typer.Typer(
     name="l0calib",
@@ -40,13 +49,18 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
+def _say(message: str) -> None:
+    """Print to stderr as plain text, unwrapped (messages are matched by scripts)."""
+    stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn library errors into ``Error: ...`` on stderr and exit code 1."""
     try:
         yield
     except L0CalibError as exc:
-        stderr.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        _say(f"Error: {exc}")
         raise typer.Exit(code=1) from None
 
 
@@ -68,6 +82,249 @@ def main(
 ) -> None:
     """Calibrate survey weights to official totals, optionally keeping an exact number of
     records."""
+
+
+# ---------------------------------------------------------------------------- options
+MICRODATA = typer.Argument(..., help="Households: a .parquet or .csv file.", show_default=False)
+TARGETS = typer.Argument(..., help="Targets file (.csv), see docs/targets.md.", show_default=False)
+PERSONS = typer.Option(None, "--persons", help="Persons table (.parquet or .csv).")
+PERSON_LINK = typer.Option(
+    "person_household_id", "--person-household-column", help="Persons' household id column."
+)
+WEIGHT_COLUMN = typer.Option("household_weight", "--weight-column", help="Initial weights.")
+ID_COLUMN = typer.Option("household_id", "--id-column", help="Unique household id column.")
+
+
+def _load(
+    microdata: Path, targets: Path, persons: Path | None, id_column: str, weight_column: str,
+    person_household_column: str, *, allow_zero_support: bool = False,
+):  # fmt: skip
+    households = read_table(microdata)
+    person_frame = read_table(persons) if persons is not None else None
+    em = l0calib.build_estimate_matrix(
+        households, targets, person_frame, id_column=id_column, weight_column=weight_column,
+        person_household_column=person_household_column,
+        allow_zero_support=allow_zero_support,
+    )  # fmt: skip
+    return households, person_frame, em
+
+
+def _holdout(names: tuple[str, ...], holdout: str | None, fraction: float | None, seed: int):
+    if holdout and fraction is not None:
+        raise typer.BadParameter("give --holdout or --holdout-fraction, not both")
+    if holdout:
+        return [h.strip() for h in holdout.split(",") if h.strip()]
+    if fraction is not None:
+        if not 0 <= fraction < 1:
+            raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout-fraction")
+        # Its own stream (seed + 1): the holdout does not change when the gates' noise does.
+        chosen = np.random.default_rng(seed + 1).random(len(names)) < fraction
+        return [n for n, c in zip(names, chosen, strict=True) if c]
+    return None
+
+
+def _fit_progress(quiet: bool, epochs: int):
+    """A rich progress bar and the callback that drives it (None, None when quiet)."""
+    if quiet:
+        return None, None
+    bar = Progress(
+        TextColumn("[bold]fitting"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    )
+    task = bar.add_task("fit", total=epochs, status="")
+
+    def callback(p: l0calib.Progress) -> None:
+        status = f"loss {p.loss:.3g}  mean err {p.mean_abs_rel_error:.2%}"
+        if p.goal is not None:
+            status += f"  survivors {p.expected_survivors:,.0f}"
+        bar.update(task, completed=p.epoch, status=status)
+
+    return bar, callback
+
+
+def _output_paths(microdata: Path, output: Path | None, report_dir: Path | None):
+    out = output if output is not None else Path(f"{microdata.stem}_reweighted.parquet")
+    with user_errors():
+        table_format(out)
+    report = report_dir if report_dir is not None else out.with_name(f"{out.stem}_report")
+    return out, report
+
+
+def _final_table(result: l0calib.CalibrationResult) -> Table:
+    d, info = result.diagnostics, result.info
+    table = Table(title="l0calib reweight", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("records in / out", f"{d.n_records:,} / {d.n_kept:,}")
+    errors = f"{info['mean_abs_rel_error']:.3%} / {info['max_abs_rel_error']:.3%}"
+    table.add_row("fitted targets: mean / max abs rel error", errors)
+    if info.get("holdout_mean_abs_rel_error") is not None:
+        table.add_row("holdout targets: mean abs rel error",
+                      f"{info['holdout_mean_abs_rel_error']:.3%}")  # fmt: skip
+    table.add_row("effective sample size (Kish)", f"{d.effective_sample_size:,.0f}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    worst = result.report[~result.report["holdout"]].nlargest(5, "abs_rel_error")
+    for _, row in worst.iterrows():
+        table.add_row(escape(f"worst: {row['name']}"), f"{row['rel_error']:+.3%}")
+    return table
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def reweight(
+    microdata: Path = MICRODATA,
+    targets: Path = TARGETS,
+    target_records: int | None = typer.Option(
+        None, "--target-records", help="Keep exactly this many households."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Output table (.parquet or .csv). Default: <MICRODATA stem>_reweighted.parquet.",
+    ),
+    weight_column: str = WEIGHT_COLUMN,
+    id_column: str = ID_COLUMN,
+    persons: Path | None = PERSONS,
+    person_household_column: str = PERSON_LINK,
+    report_dir: Path | None = typer.Option(
+        None, "--report-dir", help="Report directory. Default: <output stem>_report/."
+    ),
+    epochs: int = typer.Option(600, "--epochs", help="Training epochs."),
+    lambda_l0: float | None = typer.Option(
+        None, "--lambda-l0", help="L0 strength (only without --target-records)."
+    ),
+    lambda_l2: float = typer.Option(1e-3, "--lambda-l2", help="L2 pull toward initial weights."),
+    lr: float = typer.Option(0.05, "--lr", help="Learning rate."),
+    holdout: str | None = typer.Option(
+        None, "--holdout", help="Comma-separated target names to report but not fit."
+    ),
+    holdout_fraction: float | None = typer.Option(
+        None, "--holdout-fraction", help="Hold out this fraction of targets, chosen by --seed."
+    ),
+    tol: float | None = typer.Option(
+        None, "--tol", help="Requested max abs relative error; missing it exits with 3."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+) -> None:
+    """Calibrate household weights to the targets, optionally keeping exactly N households.
+
+    Writes the kept households with their new weights (the initial weight kept as
+    `<weight column>_initial`), the kept households' persons with `--persons`, and a
+    report directory (targets.csv, summary.json, history.csv).
+    """
+    start = time.perf_counter()
+    command = " ".join(["l0calib", *sys.argv[1:]])
+    out, report = _output_paths(microdata, output, report_dir)
+    persons_out = None
+    if persons is not None:
+        persons_out = out.with_name(f"{persons.stem}_reweighted{out.suffix}")
+    if not force:
+        for p in (out, report, persons_out, log):
+            if p is not None and p.exists():
+                _say(f"Error: {p} already exists (use --force to overwrite)")
+                raise typer.Exit(code=1)
+    with user_errors():
+        households, person_frame, em = _load(
+            microdata, targets, persons, id_column, weight_column, person_household_column
+        )
+        held = _holdout(em.names, holdout, holdout_fraction, seed)
+        bar, callback = _fit_progress(quiet, epochs)
+        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+            # The CLI reports a missed tolerance itself (exit code 3).
+            warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+            result = l0calib.calibrate(
+                em, target_records=target_records, lambda_l0=lambda_l0,
+                lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
+                seed=seed, device=device, callback=callback, log_path=log,
+            )  # fmt: skip
+        kept = apply_weights(households, result, weight_column=weight_column)
+        extra = {
+            "command": command,
+            "microdata": str(microdata),
+            "targets": str(targets),
+            "output": str(out),
+            "seconds_total": time.perf_counter() - start,
+        }
+        # Tables first (each atomic), then the report: a failure leaves no partial file.
+        with ExitStack() as stack:
+            tmp_out = stack.enter_context(atomic_path(out))
+            _write_as(kept, tmp_out, out)
+            if persons_out is not None and person_frame is not None:
+                tmp_p = stack.enter_context(atomic_path(persons_out))
+                linked = keep_linked_rows(
+                    person_frame, person_household_column, kept[id_column].to_numpy()
+                )
+                _write_as(linked, tmp_p, persons_out)
+            write_report(result, report, n_targets=em.n_targets, extra=extra, overwrite=force)
+    if not quiet:
+        stdout.print(_final_table(result))
+        stdout.print(f"wrote {out}" + (f", {persons_out}" if persons_out else "") + f", {report}/")
+    if not result.converged:
+        _say(
+            "Warning: the fit finished but missed the requested tolerance "
+            f"(max abs rel error {result.info['max_abs_rel_error']:.3%}); outputs were written."
+        )
+        raise typer.Exit(code=EXIT_TOLERANCE)
+
+
+def _write_as(frame, tmp: Path, final: Path) -> None:
+    """Write ``frame`` to ``tmp`` in the format ``final``'s extension names."""
+    if table_format(final) == "csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def check(
+    microdata: Path = MICRODATA,
+    targets: Path = TARGETS,
+    weight_column: str = WEIGHT_COLUMN,
+    id_column: str = ID_COLUMN,
+    persons: Path | None = PERSONS,
+    person_household_column: str = PERSON_LINK,
+    min_support: int = typer.Option(10, "--min-support", help="Flag targets with fewer records."),
+    all_targets: bool = typer.Option(False, "--all", help="List every target, not only flagged."),
+) -> None:
+    """Validate microdata and targets without fitting; print a table per target.
+
+    Shows each target's support (records contributing), initial estimate and error, and
+    flags: zero support, tiny support, duplicate of or linear combination of other targets.
+    Exits with 1 when a target cannot be used.
+    """
+    with user_errors():
+        _, _, em = _load(
+            microdata, targets, persons, id_column, weight_column, person_household_column,
+            allow_zero_support=True,
+        )  # fmt: skip
+        table_rows = check_targets(em, min_support=min_support)
+    shown = table_rows if all_targets else table_rows[table_rows["flags"] != ""]
+    table = Table(title=f"{targets.name}: {em.n_targets} targets, {em.n_records:,} households")
+    for col in ("target", "support", "initial estimate", "initial rel error"):
+        table.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
+    table.add_column("flags", overflow="fold")
+    for _, r in shown.iterrows():
+        table.add_row(
+            escape(str(r["name"])), f"{r['support']:,}", f"{r['initial_estimate']:,.0f}",
+            f"{r['initial_rel_error']:+.2%}", escape(r["flags"]),
+        )  # fmt: skip
+    if len(shown):
+        stdout.print(table)
+    flagged = int((table_rows["flags"] != "").sum())
+    unusable = table_rows.loc[~table_rows["usable"], "name"].tolist()
+    stdout.print(f"{em.n_targets} targets checked, {flagged} flagged, {len(unusable)} unusable.")
+    if unusable:
+        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
+        raise typer.Exit(code=1)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -114,8 +371,12 @@ def gate(
 
 def run() -> None:
     """Console-script entry point."""
-    app(prog_name="l0calib")
+    try:
+        app(prog_name="l0calib")
+    except KeyboardInterrupt:
+        _say("Interrupted; no output was written.")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    run()

@@ -599,11 +599,11 @@ def calibrate(
     normalize_groups: bool = True,
     holdout: Any = None,
     tol: float | None = None,
-    temperature: float = 2 / 3,
+    temperature: float = 0.25,
     init_keep: float = 0.99,
     scale_floor: float = 1.0,
     refit: bool = True,
-    refit_l2: float = 1e-6,
+    refit_l2: float | None = None,
     refit_max_iter: int = 2000,
     patience: int = 100,
     seed: int = 0,
@@ -648,8 +648,9 @@ def calibrate(
         Requested maximum absolute relative error on fitted targets (a target's own
         ``tolerance`` counts if larger). Missing it sets ``converged=False`` and warns with
         :class:`~l0calib.ConvergenceWarning`.
-    temperature : float, default 2/3
-        Hard Concrete temperature.
+    temperature : float, default 0.25
+        Hard Concrete temperature (lower than the paper's 2/3: less gate noise gave
+        better untargeted totals in our benchmark; see ``docs/benchmarks.md``).
     init_keep : float, default 0.99
         Initial ``sigmoid(log_alpha)`` of every gate.
     scale_floor : float, default 1.0
@@ -657,9 +658,12 @@ def calibrate(
         does not divide by zero.
     refit : bool, default True
         Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
-    refit_l2 : float, default 1e-6
+    refit_l2 : float, optional
         Refit: strength of the pull toward the trained weights, ``mean((w / w_trained -
-        1)^2)``. Small by default, so it only picks among equally good fits.
+        1)^2)``. Default 1e-3 when records are dropped (it limits the variance a smaller
+        sample adds to untargeted totals; measured in ``docs/benchmarks.md``) and 1e-6 when
+        every record is kept (then it only picks among equally good fits, so a consistent
+        problem is fitted exactly).
     refit_max_iter : int, default 2000
     patience : int, default 100
         Stop training early when the loss has not improved by 0.1% for this many epochs
@@ -709,7 +713,8 @@ def calibrate(
         n, target_records, lambda_l0, lambda_l2, epochs, lr, temperature, init_keep,
         patience, log_every, tol, refit_max_iter,
     )  # fmt: skip
-    _check_nonneg("refit_l2", refit_l2)
+    if refit_l2 is not None:
+        _check_nonneg("refit_l2", refit_l2)
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
     fit = _Fit(
@@ -765,6 +770,8 @@ def calibrate(
         weights_out, info = before, {"refit_converged": True}
         if refit and kept.any():
             order = np.argsort(-scores, kind="stable")
+            if refit_l2 is None:
+                refit_l2 = 1e-6 if kept.all() else 1e-3
             weights_out, info = _refit_subset(
                 pb, kept, base, refit_l2, refit_max_iter,
                 exact=k_goal is not None, order=order,
@@ -811,7 +818,7 @@ def refit(
     *,
     weights: Any = None,
     holdout: Any = None,
-    lambda_l2: float = 1e-6,
+    lambda_l2: float = 1e-3,
     normalize_groups: bool = True,
     loss: LossName = "relative",
     scale_floor: float = 1.0,

@@ -11,6 +11,8 @@ from l0calib.targets import EstimateMatrix
 
 __all__ = [
     "WeightDiagnostics",
+    "check_targets",
+    "dependent_targets",
     "design_effect",
     "effective_sample_size",
     "target_report",
@@ -162,4 +164,94 @@ def target_report(
             "holdout": hold,
         },
         columns=list(REPORT_COLUMNS),
+    )
+
+
+def dependent_targets(em: EstimateMatrix, *, max_targets: int = 5000) -> dict[str, list[str]]:
+    """Targets whose row of ``A`` is a linear combination of other rows.
+
+    Such constraints are redundant when consistent and contradictory when not (a state total
+    given beside the sum of its counties, say). Found by a rank-revealing (pivoted) QR of
+    the row-normalised Gram matrix ``A A^T``, so only for at most ``max_targets`` targets
+    (returns ``{}`` above that, and for an empty matrix).
+
+    Returns
+    -------
+    dict
+        ``{dependent target: [the targets it combines]}``; the pivoting keeps the first
+        targets of the matrix as the independent ones where it can.
+    """
+    import scipy.linalg
+
+    k = em.n_targets
+    if k == 0 or k > max_targets:
+        return {}
+    a = em.matrix
+    norms = np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel())
+    nz = norms > 0
+    idx = np.flatnonzero(nz)
+    if idx.size == 0:
+        return {}
+    an = a[idx].multiply(1.0 / norms[idx][:, None]).tocsr()
+    gram = (an @ an.T).toarray()
+    _, r, piv = scipy.linalg.qr(gram, pivoting=True)
+    diag = np.abs(np.diag(r))
+    rank = int((diag > diag[0] * 1e-9).sum()) if diag.size else 0
+    independent, dependent = piv[:rank], piv[rank:]
+    out: dict[str, list[str]] = {}
+    if dependent.size == 0:
+        return out
+    g_ii = gram[np.ix_(independent, independent)]
+    coef = np.linalg.lstsq(g_ii, gram[np.ix_(independent, dependent)], rcond=None)[0]
+    for j, d in enumerate(dependent):
+        parts = independent[np.abs(coef[:, j]) > 1e-6]
+        out[em.names[idx[d]]] = [em.names[idx[p]] for p in sorted(parts)]
+    return out
+
+
+def check_targets(
+    em: EstimateMatrix, *, min_support: int = 10, max_targets: int = 5000
+) -> pd.DataFrame:
+    """One row per target: support, initial estimate and error, and flags.
+
+    Flags (a ``;``-separated string, empty when fine): ``zero support`` (no record
+    contributes: unusable), ``tiny support (< min_support records)``, ``duplicate of X``
+    (the same row as target X up to a factor), ``linear combination of ...`` (see
+    :func:`dependent_targets`). ``usable`` is False only for zero support.
+    """
+    support = em.support()
+    weights = em.weights if em.weights is not None else np.ones(em.n_records)
+    est = em.estimates(weights)
+    rel = (est - em.values) / np.maximum(np.abs(em.values), 1.0)
+    flags: list[list[str]] = [[] for _ in range(em.n_targets)]
+    seen: dict[tuple[bytes, bytes], int] = {}
+    for k in range(em.n_targets):
+        if support[k] == 0:
+            flags[k].append("zero support")
+            continue
+        if support[k] < min_support:
+            flags[k].append(f"tiny support (< {min_support} records)")
+        lo, hi = em.matrix.indptr[k], em.matrix.indptr[k + 1]
+        data = em.matrix.data[lo:hi]
+        key = (em.matrix.indices[lo:hi].tobytes(), np.round(data / data[0], 12).tobytes())
+        if key in seen:
+            flags[k].append(f"duplicate of {em.names[seen[key]]}")
+        else:
+            seen[key] = k
+    names = {n: i for i, n in enumerate(em.names)}
+    for dep, parts in dependent_targets(em, max_targets=max_targets).items():
+        i = names[dep]
+        if not any(f.startswith("duplicate of") for f in flags[i]):
+            shown = ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
+            flags[i].append(f"linear combination of {shown}")
+    return pd.DataFrame(
+        {
+            "name": list(em.names),
+            "support": support,
+            "target": em.values,
+            "initial_estimate": est,
+            "initial_rel_error": rel,
+            "flags": ["; ".join(f) for f in flags],
+            "usable": support > 0,
+        }
     )

@@ -112,6 +112,16 @@ def read_targets(
     DataError
         If the file cannot be read.
     """
+    parsed, problems, label = _read_targets(targets, source)
+    if problems:
+        raise TargetError.from_problems(label, problems)
+    return parsed
+
+
+def _read_targets(
+    targets: str | os.PathLike[str] | pd.DataFrame | Sequence[Target], source: str | None
+) -> tuple[list[Target], list[str], str]:
+    """Parse what can be parsed; return the good targets, every problem, and the label."""
     if isinstance(targets, (str, os.PathLike)):
         source = source or Path(targets).name
         frame = read_table(targets, text_columns=True)
@@ -122,10 +132,13 @@ def read_targets(
         if not all(isinstance(t, Target) for t in items):
             raise ParameterError("targets must be a path, a DataFrame or a sequence of Target")
         frame = pd.DataFrame([{c: getattr(t, c) for c in TARGET_COLUMNS} for t in items])
-    return _parse_frame(frame, source or "targets")
+    label = source or "targets"
+    parsed, problems = _parse_frame(frame, label)
+    return parsed, problems, label
 
 
-def _parse_frame(frame: pd.DataFrame, source: str) -> list[Target]:
+def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[str]]:
+    """Parse rows; structural problems (missing columns, no rows) raise at once."""
     columns = [str(c).strip() for c in frame.columns]
     frame = frame.set_axis(columns, axis=1)
     problems: list[str] = []
@@ -198,9 +211,15 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> list[Target]:
                     row=i,
                 )
             )
-    if problems:
-        raise TargetError.from_problems(source, problems)
-    return out
+    return out, problems
+
+
+def _row_of(problem: str) -> int:
+    # Problems start "<file> row N ...": order them by N.
+    marker = " row "
+    i = problem.find(marker)
+    digits = problem[i + len(marker) :].split(" ", 1)[0].rstrip(":") if i >= 0 else ""
+    return int(digits) if digits.isdigit() else 0
 
 
 def _number(
@@ -655,8 +674,8 @@ def build_estimate_matrix(
     """
     hh_frame, hh_label = _load(households, "households")
     weights = _check_households(hh_frame, hh_label, id_column, weight_column)
-    target_list = read_targets(targets)
-    tg_label = Path(targets).name if isinstance(targets, (str, os.PathLike)) else "targets"
+    # Rows that cannot be parsed are reported together with those that cannot be evaluated.
+    target_list, problems, tg_label = _read_targets(targets, None)
     n = len(hh_frame)
 
     entities: dict[str, _Entity] = {"household": _Entity(hh_frame)}
@@ -667,7 +686,6 @@ def build_estimate_matrix(
         )
         entities["person"] = _Entity(p_frame, pos, entities["household"].source)
 
-    problems: list[str] = []
     zero: list[str] = []
     indptr = [0]
     indices: list[np.ndarray] = []
@@ -710,7 +728,7 @@ def build_estimate_matrix(
         data.append(contrib[idx])
         indptr.append(indptr[-1] + idx.size)
     if problems:
-        raise TargetError.from_problems(tg_label, problems)
+        raise TargetError.from_problems(tg_label, sorted(problems, key=_row_of))
 
     matrix = sp.csr_matrix(
         (

@@ -1,0 +1,152 @@
+"""Turning a calibration result into files: reweighted tables and a report directory.
+
+Used by the command line, public so a pipeline writes exactly what the CLI writes.
+Everything is written atomically: a failure leaves the previous files (or nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from l0calib._version import __version__
+from l0calib.calibrate import CalibrationResult
+from l0calib.exceptions import DataError, ParameterError
+
+__all__ = ["apply_weights", "keep_linked_rows", "summary", "write_report"]
+
+
+def apply_weights(
+    households: pd.DataFrame, result: CalibrationResult, *, weight_column: str
+) -> pd.DataFrame:
+    """The kept records with their new weights, in input order.
+
+    Every original column is kept; ``weight_column`` holds the final weight and
+    ``<weight_column>_initial`` the initial one.
+    """
+    if len(households) != result.weights.size:
+        raise ParameterError(
+            f"the table has {len(households)} rows but the result has {result.weights.size} weights"
+        )
+    out = households.loc[result.kept].copy()
+    initial = f"{weight_column}_initial"
+    if initial in out.columns:
+        raise DataError(f"column '{initial}' already exists; rename it or choose another weight")
+    position = out.columns.get_loc(weight_column) + 1
+    out.insert(position, initial, out[weight_column].to_numpy())
+    out[weight_column] = result.weights[result.kept]
+    return out
+
+
+def keep_linked_rows(
+    frame: pd.DataFrame, link_column: str, kept_ids: np.ndarray | pd.Series
+) -> pd.DataFrame:
+    """Rows of ``frame`` (e.g. persons) whose ``link_column`` is one of ``kept_ids``."""
+    return frame.loc[frame[link_column].isin(pd.Index(kept_ids))]
+
+
+def summary(
+    result: CalibrationResult, *, n_targets: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The figures of ``summary.json``: counts, errors, effective sample size, time..."""
+    d = result.diagnostics
+    info = result.info
+    out: dict[str, Any] = {
+        "n_records_in": d.n_records,
+        "n_records_out": d.n_kept,
+        "target_records": info.get("target_records"),
+        "n_targets": n_targets,
+        "n_holdout": int(result.report["holdout"].sum()),
+        "mean_abs_rel_error": info.get("mean_abs_rel_error"),
+        "max_abs_rel_error": info.get("max_abs_rel_error"),
+        "holdout_mean_abs_rel_error": info.get("holdout_mean_abs_rel_error"),
+        "holdout_max_abs_rel_error": info.get("holdout_max_abs_rel_error"),
+        "mean_abs_rel_error_before_refit": info.get("mean_abs_rel_error_before_refit"),
+        "effective_sample_size": d.effective_sample_size,
+        "design_effect": d.design_effect,
+        "weight_ratio": {
+            "min": d.ratio_min,
+            "quartiles": list(d.ratio_quartiles),
+            "max": d.ratio_max,
+        },
+        "seconds": result.seconds,
+        "epochs_run": result.n_iter,
+        "seed": result.seed,
+        "converged": result.converged,
+        "method": result.method,
+        "l0calib_version": __version__,
+    }
+    out.update(extra or {})
+    return _jsonable(out)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``path``, moved to ``path`` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise DataError(f"{path}: already exists (use --force / overwrite=True)")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        os.chmod(path, 0o777 & ~_umask())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_report(
+    result: CalibrationResult,
+    directory: str | os.PathLike[str],
+    *,
+    n_targets: int,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``targets.csv``, ``summary.json`` and ``history.csv`` into ``directory``.
+
+    The directory is assembled under a temporary name and renamed when complete.
+
+    Returns
+    -------
+    pathlib.Path
+        The report directory.
+    """
+    target = Path(directory)
+    with _atomic_dir(target, overwrite=overwrite) as tmp:
+        cols = ["name", "target", "estimate", "error", "rel_error", "holdout", "within_tolerance"]
+        result.report[cols].to_csv(tmp / "targets.csv", index=False)
+        result.history.to_csv(tmp / "history.csv", index=False)
+        with open(tmp / "summary.json", "w") as f:
+            json.dump(summary(result, n_targets=n_targets, extra=extra), f, indent=2)
+            f.write("\n")
+    return target

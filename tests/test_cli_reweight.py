@@ -1,0 +1,194 @@
+"""`l0calib reweight` and `l0calib check` on the shipped fixtures: outputs, totals, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from l0calib import build_estimate_matrix
+from l0calib_cli.main import app
+
+from .conftest import FIXTURES, ROOT
+
+# A wide terminal, so rich tables do not fold the text the tests look for.
+runner = CliRunner(env={"COLUMNS": "250"})
+SURVEY = FIXTURES / "survey_5k"
+TINY = FIXTURES / "tiny"
+
+
+def _copy_inputs(tmp_path: Path, fmt: str) -> tuple[Path, Path, Path]:
+    hh = pd.read_parquet(SURVEY / "households.parquet")
+    persons = pd.read_parquet(SURVEY / "persons.parquet")
+    paths = (tmp_path / f"hh.{fmt}", tmp_path / f"people.{fmt}", tmp_path / "targets.csv")
+    for frame, path in zip((hh, persons), paths[:2], strict=False):
+        frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+    shutil.copy(SURVEY / "targets.csv", paths[2])
+    return paths
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+
+
+@pytest.mark.parametrize(("fmt_in", "fmt_out"), [("parquet", "parquet"), ("csv", "csv")])
+def test_reweight_writes_exact_count_and_consistent_totals(
+    tmp_path: Path, fmt_in: str, fmt_out: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    hh, people, targets = _copy_inputs(tmp_path, fmt_in)
+    out = tmp_path / f"small.{fmt_out}"
+    result = runner.invoke(app, [
+        "reweight", str(hh), str(targets), "--persons", str(people), "--target-records", "400",
+        "--epochs", "60", "-o", str(out), "--holdout", "snap_hh_CA,snap_hh_TX", "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # --quiet
+    kept = _read(out)
+    assert len(kept) == 400
+    assert (kept["household_weight"] > 0).all()
+    assert "household_weight_initial" in kept.columns
+    # input row order is kept
+    assert kept["household_id"].is_monotonic_increasing
+    # persons of dropped households are gone, persons of kept ones all present
+    persons_out = _read(tmp_path / f"people_reweighted.{fmt_out}")
+    assert set(persons_out["person_household_id"]) <= set(kept["household_id"])
+    all_people = _read(people)
+    expected_people = all_people["person_household_id"].isin(kept["household_id"]).sum()
+    assert len(persons_out) == expected_people
+    # totals recomputed from the written files match the report
+    report = pd.read_csv(tmp_path / "small_report" / "targets.csv")
+    em = build_estimate_matrix(kept, targets, persons_out, allow_zero_support=True)
+    recomputed = em.estimates(kept["household_weight"].to_numpy())
+    np.testing.assert_allclose(recomputed, report["estimate"].to_numpy(), rtol=1e-9)
+    assert report.loc[report["holdout"], "name"].tolist() == ["snap_hh_CA", "snap_hh_TX"]
+    summary = json.loads((tmp_path / "small_report" / "summary.json").read_text())
+    for key in (
+        "n_records_in", "n_records_out", "target_records", "n_targets", "mean_abs_rel_error",
+        "max_abs_rel_error", "holdout_mean_abs_rel_error", "effective_sample_size", "seconds",
+        "seed", "converged", "l0calib_version", "command",
+    ):  # fmt: skip
+        assert key in summary, key
+    assert summary["n_records_out"] == 400
+    assert summary["n_records_in"] == 5000
+    assert summary["converged"] is True
+    history = pd.read_csv(tmp_path / "small_report" / "history.csv")
+    assert len(history) == 60
+
+
+def test_default_output_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [
+        "reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"),
+        "--persons", str(TINY / "persons.csv"), "--epochs", "30", "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "households_reweighted.parquet",
+        "households_reweighted_report",
+        "persons_reweighted.parquet",
+    ]
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    out.write_text("keep me")
+    args = ["reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"), "-o", str(out),
+            "--persons", str(TINY / "persons.csv"), "--epochs", "20", "--quiet"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert f"Error: {out} already exists (use --force to overwrite)" in result.stderr
+    assert out.read_text() == "keep me"
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out)) == 5
+
+
+def test_bad_targets_exit_1_and_write_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "targets.csv"
+    bad.write_text("name,value,filter\nx,1,stat == 'CA'\ny,abc,\n")
+    out = tmp_path / "out.parquet"
+    result = runner.invoke(app, ["reweight", str(TINY / "households.csv"), str(bad),
+                                 "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 1
+    assert "Error: targets.csv: 2 problems:" in result.stderr
+    assert "targets.csv row 2 ('y'): column 'value': 'abc' is not a number" in result.stderr
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_missing_input_and_bad_extension(tmp_path: Path) -> None:
+    targets, out_csv = str(TINY / "targets.csv"), str(tmp_path / "o.csv")
+    result = runner.invoke(
+        app, ["reweight", str(tmp_path / "nope.parquet"), targets, "-o", out_csv]
+    )
+    assert result.exit_code == 1
+    assert "nope.parquet: file not found" in result.stderr
+    out_xlsx = str(tmp_path / "o.xlsx")
+    result = runner.invoke(app, ["reweight", str(TINY / "households.csv"), targets, "-o", out_xlsx])
+    assert result.exit_code == 1
+    assert "unsupported file extension '.xlsx'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    base = ["reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"),
+            "--persons", str(TINY / "persons.csv"), "-o", str(tmp_path / "o.csv")]  # fmt: skip
+    result = runner.invoke(app, [*base, "--holdout", "children", "--holdout-fraction", "0.1"])
+    assert result.exit_code == 2
+    assert "give --holdout or --holdout-fraction, not both" in result.stderr
+    assert runner.invoke(app, [*base, "--epochs", "many"]).exit_code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missed_tolerance_exits_3_with_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    result = runner.invoke(app, [
+        "reweight", str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"),
+        "--persons", str(SURVEY / "persons.parquet"), "--target-records", "50",
+        "--epochs", "20", "--tol", "0.0001", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 3
+    assert "missed the requested tolerance" in result.stderr
+    assert len(pd.read_csv(out)) == 50
+    summary = json.loads((tmp_path / "o_report" / "summary.json").read_text())
+    assert summary["converged"] is False
+
+
+def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["check", str(SURVEY / "households.parquet"),
+                                 str(SURVEY / "targets.csv"), "--persons",
+                                 str(SURVEY / "persons.parquet")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "236 targets checked" in result.stdout
+    assert "tiny support" in result.stdout
+    assert "linear combination of" in result.stdout
+    bad = tmp_path / "t.csv"
+    bad.write_text("name,value,filter\nnobody,5,state == 'WA'\nok,1,\ndup,2,\n")
+    result = runner.invoke(app, ["check", str(TINY / "households.csv"), str(bad)])
+    assert result.exit_code == 1
+    assert "zero support" in result.stdout
+    assert "duplicate of ok" in result.stdout
+    assert "Error: 1 target(s) cannot be used: nobody" in result.stderr
+
+
+def test_installed_script_runs_reweight(tmp_path: Path) -> None:
+    script = shutil.which("l0calib", path=str(ROOT / ".venv" / "bin")) or shutil.which("l0calib")
+    if script is None:
+        pytest.skip("the l0calib console script is not installed in this environment")
+    out = tmp_path / "o.parquet"
+    proc = subprocess.run(
+        [script, "reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"),
+         "--persons", str(TINY / "persons.csv"), "--target-records", "3", "--epochs", "30",
+         "-o", str(out)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (pd.read_parquet(out)["household_weight"] > 0).sum() == 3
+    assert "records in / out" in proc.stdout
