@@ -7,6 +7,7 @@ internal and may change.
 
 from l0calib._version import __version__
 from l0calib.calibrate import CalibrationResult, Progress, calibrate, refit
+from l0calib.classic import calibrate_exact
 from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.exceptions import (
     CalibrationError,
@@ -43,6 +44,7 @@ __all__ = [
     "as_estimate_matrix",
     "build_estimate_matrix",
     "calibrate",
+    "calibrate_exact",
     "read_table",
     "read_targets",
     "refit",

@@ -171,15 +171,15 @@ def dependent_targets(em: EstimateMatrix, *, max_targets: int = 5000) -> dict[st
     """Targets whose row of ``A`` is a linear combination of other rows.
 
     Such constraints are redundant when consistent and contradictory when not (a state total
-    given beside the sum of its counties, say). Found by a rank-revealing (pivoted) QR of
-    the row-normalised Gram matrix ``A A^T``, so only for at most ``max_targets`` targets
-    (returns ``{}`` above that, and for an empty matrix).
+    given beside the sum of its counties, say). Found from a QR factorisation of the
+    row-normalised Gram matrix ``A A^T`` in target order, so only for at most
+    ``max_targets`` targets (returns ``{}`` above that, and for an empty matrix).
 
     Returns
     -------
     dict
-        ``{dependent target: [the targets it combines]}``; the pivoting keeps the first
-        targets of the matrix as the independent ones where it can.
+        ``{dependent target: [the targets it combines]}``: a target is reported when it is
+        a combination of targets listed *before* it.
     """
     import scipy.linalg
 
@@ -194,10 +194,12 @@ def dependent_targets(em: EstimateMatrix, *, max_targets: int = 5000) -> dict[st
         return {}
     an = a[idx].multiply(1.0 / norms[idx][:, None]).tocsr()
     gram = (an @ an.T).toarray()
-    _, r, piv = scipy.linalg.qr(gram, pivoting=True)
+    # QR without pivoting: column j's R_jj is ~0 exactly when target j lies in the span of
+    # the targets before it, so the earlier targets stay the independent ones.
+    r = scipy.linalg.qr(gram, mode="r")[0]
     diag = np.abs(np.diag(r))
-    rank = int((diag > diag[0] * 1e-9).sum()) if diag.size else 0
-    independent, dependent = piv[:rank], piv[rank:]
+    keep = diag > diag.max() * 1e-9
+    independent, dependent = np.flatnonzero(keep), np.flatnonzero(~keep)
     out: dict[str, list[str]] = {}
     if dependent.size == 0:
         return out

@@ -24,6 +24,7 @@ EXPECTED = {
     "as_estimate_matrix",
     "build_estimate_matrix",
     "calibrate",
+    "calibrate_exact",
     "read_table",
     "read_targets",
     "refit",
