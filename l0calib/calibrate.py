@@ -604,6 +604,7 @@ def calibrate(
     scale_floor: float = 1.0,
     refit: bool = True,
     refit_l2: float | None = None,
+    refit_anchor: Literal["initial", "trained"] = "initial",
     refit_max_iter: int = 2000,
     patience: int = 100,
     seed: int = 0,
@@ -659,11 +660,14 @@ def calibrate(
     refit : bool, default True
         Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
     refit_l2 : float, optional
-        Refit: strength of the pull toward the trained weights, ``mean((w / w_trained -
+        Refit: strength of the pull toward the anchor weights, ``mean((w / w_anchor -
         1)^2)``. Default 1e-3 when records are dropped (it limits the variance a smaller
         sample adds to untargeted totals; measured in ``docs/benchmarks.md``) and 1e-6 when
         every record is kept (then it only picks among equally good fits, so a consistent
         problem is fitted exactly).
+    refit_anchor : {"initial", "trained"}, default "initial"
+        What the refit starts from and is pulled toward: the kept records' initial weights
+        inflated by n / (records kept), or the trained weights without gates.
     refit_max_iter : int, default 2000
     patience : int, default 100
         Stop training early when the loss has not improved by 0.1% for this many epochs
@@ -715,6 +719,8 @@ def calibrate(
     )  # fmt: skip
     if refit_l2 is not None:
         _check_nonneg("refit_l2", refit_l2)
+    if refit_anchor not in ("initial", "trained"):
+        raise ParameterError(f"refit_anchor must be 'initial' or 'trained', got {refit_anchor!r}")
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
     fit = _Fit(
@@ -772,6 +778,11 @@ def calibrate(
             order = np.argsort(-scores, kind="stable")
             if refit_l2 is None:
                 refit_l2 = 1e-6 if kept.all() else 1e-3
+            if refit_anchor == "initial":
+                # The kept records' initial weights, inflated to carry the dropped ones
+                # (a Horvitz-Thompson expansion): measured to keep untargeted totals
+                # closer than anchoring on the trained weights (docs/benchmarks.md).
+                base = pb.w0 * (n / int(kept.sum()))
             weights_out, info = _refit_subset(
                 pb, kept, base, refit_l2, refit_max_iter,
                 exact=k_goal is not None, order=order,
