@@ -90,10 +90,15 @@ def _summary(em, hold, weights, seconds, epochs=None, extra=None):
     return out
 
 
-def run_method(method: str, households: int, keep: int, epochs: int, draw: int) -> dict:
+def run_method(
+    method: str, households: int, keep: int, epochs: int, draw: int, split: int = 0
+) -> dict:
     from l0calib import calibrate, refit
 
     em, hold = _problem(households)
+    if split:
+        # Another random 10% of the targets held out (split 0 is the saved one, seed 0).
+        hold = np.random.default_rng(split).random(em.n_targets) < 0.1
     base_rss = _hwm_mb()  # the loaded problem, before the method runs
     w0 = em.weights
     n = em.n_records
@@ -174,19 +179,22 @@ def accuracy(args: argparse.Namespace) -> None:
     _problem(args.households)  # build and save once; children load it
     common = [str(args.households), str(args.keep), str(args.epochs)]
     rows: dict[str, dict] = {}
-    rows["l0calib"] = _child("l0calib", *common, "0")
-    print("l0calib", rows["l0calib"], flush=True)
-    rows["all records"] = _child("all", *common, "0")
-    print("all", rows["all records"], flush=True)
-    for d in range(3):
-        rows[f"random + refit #{d}"] = _child("random", *common, str(d))
-        print("random", d, rows[f"random + refit #{d}"], flush=True)
+    for split in range(args.splits):
+        sp_ = str(split)
+        rows[f"l0calib/{split}"] = _child("l0calib", *common, "0", sp_)
+        rows[f"all records/{split}"] = _child("all", *common, "0", sp_)
+        for d in range(3):
+            rows[f"random + refit #{d}/{split}"] = _child("random", *common, str(d), sp_)
+        for k in (f"l0calib/{split}", f"all records/{split}"):
+            print(k, rows[k], flush=True)
+    best = None
     if not args.skip_l0python:
-        # Bisection on log(lambda_l0) for about K kept records (deterministic gates > 0).
-        lo, hi, best = math.log(1e-7), math.log(1e-1), None
+        # Bisection on log(lambda_l0) for about K kept records (deterministic gates > 0),
+        # on split 0; the chosen lambda then runs on the other splits.
+        lo, hi = math.log(1e-7), math.log(1e-1)
         for _ in range(args.lambda_steps):
             lam = math.exp(0.5 * (lo + hi))
-            r = _child(f"l0python:{lam}", *common, "0")
+            r = _child(f"l0python:{lam}", *common, "0", "0")
             print("l0-python", r, flush=True)
             if best is None or abs(r["kept"] - args.keep) < abs(best["kept"] - args.keep):
                 best = r
@@ -194,8 +202,34 @@ def accuracy(args: argparse.Namespace) -> None:
                 lo = math.log(lam)
             else:
                 hi = math.log(lam)
-        rows["l0-python"] = best
+        rows["l0-python/0"] = best
+        for split in range(1, args.splits):
+            rows[f"l0-python/{split}"] = _child(
+                f"l0python:{best['lambda_l0']}", *common, "0", str(split)
+            )
     print(json.dumps(rows, indent=1))
+    _table(rows, args.splits)
+
+
+def _table(rows: dict[str, dict], splits: int) -> None:
+    """Mean over holdout splits (and random draws) of each method's figures."""
+    methods: dict[str, list[dict]] = {}
+    for key, r in rows.items():
+        name = key.split("/")[0].split(" #")[0]
+        methods.setdefault(name, []).append(r)
+    print(f"\nmeans over {splits} holdout split(s):")
+    cols = ("kept", "fit_mean", "fit_max", "holdout_mean", "ess", "seconds_per_epoch")
+    print("| method | " + " | ".join(cols) + " |")
+    for name, rs in methods.items():
+        vals = []
+        for c in cols:
+            xs = [r[c] for r in rs if r.get(c) is not None]
+            vals.append(f"{np.mean(xs):.4g}" if xs else "")
+        print(f"| {name} | " + " | ".join(vals) + " |")
+        if "refit_fit_mean" in rs[0]:
+            f = np.mean([r["refit_fit_mean"] for r in rs])
+            h = np.mean([r["refit_holdout_mean"] for r in rs])
+            print(f"| {name} + l0calib refit | | {f:.4g} | | {h:.4g} | | |")
 
 
 def scaling(args: argparse.Namespace) -> None:
@@ -240,8 +274,9 @@ def scaling(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
-        method, households, keep, epochs, draw = sys.argv[2:7]
-        print(json.dumps(run_method(method, int(households), int(keep), int(epochs), int(draw))))
+        method, households, keep, epochs, draw, split = sys.argv[2:8]
+        result = run_method(method, int(households), int(keep), int(epochs), int(draw), int(split))
+        print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -251,6 +286,7 @@ def main() -> None:
     acc.add_argument("--epochs", type=int, default=600)
     acc.add_argument("--lambda-steps", type=int, default=8)
     acc.add_argument("--skip-l0python", action="store_true")
+    acc.add_argument("--splits", type=int, default=3, help="holdout splits to average")
     sc = sub.add_parser("scaling")
     sc.add_argument("--records", type=int, default=1_000_000)
     sc.add_argument("--targets", type=int, default=2_000)
