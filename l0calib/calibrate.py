@@ -3,21 +3,24 @@
 Each record ``i`` has a weight parametrised relative to its initial weight and a Hard
 Concrete gate (Louizos, Welling & Kingma 2017, arXiv:1712.01312)::
 
-    w_i = w0_i * exp(u_i) * z_i            z_i ~ HardConcrete(log_alpha_i)
+    w_i = w0_i * rho * exp(u_i) * z_i      z_i ~ HardConcrete(log_alpha_i)
+
+where ``rho = n / (expected survivors)`` inflates the survivors' weights as records drop out,
 
 and the training loss is, with ``e_k = (A_k w - t_k) / scale_k`` and
 ``scale_k = max(|t_k|, scale_floor)``::
 
     sum_k c_k * max(|e_k| - tol_k, 0)^2                        (fit; "relative" loss)
     + lambda_l0 * E[#{z_i != 0}] / n                           (L0: expected fraction kept)
-    + lambda_l2 * sum_i P(z_i != 0) * (exp(u_i) - 1)^2 / n     (L2 toward w0, expected)
+    + lambda_l2 * sum_i P(z_i != 0) * (exp(u_i) - 1)^2 / n     (L2 toward rho * w0)
 
 ``c_k = importance_k * g_k / sum(importance * g)`` over the fitted targets, where ``g_k`` is
 1 / (size of k's group) with ``normalize_groups`` (ungrouped targets are groups of one) and
-1 otherwise. With ``target_records=K`` the engine steers ``lambda_l0`` itself (dual ascent
-toward a schedule of expected survivors that reaches K), keeps exactly the K records most
-likely to be non-zero, and refits their weights without gates (a convex, bounded problem
-solved with L-BFGS-B in float64). See ``docs/engine.md``.
+1 otherwise. With ``target_records=K`` no L0 penalty needs tuning: after every step the gate
+logits are shifted by one constant so that the expected number of survivors follows a
+schedule from n down to K; then the K records most likely to be non-zero are kept and their
+weights refitted without gates (a convex, bounded problem solved with L-BFGS-B in float64,
+pulled toward the kept records' inflated initial weights). See ``docs/engine.md``.
 """
 
 from __future__ import annotations
