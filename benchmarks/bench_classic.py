@@ -103,7 +103,11 @@ def main() -> None:
         return
     x = em.matrix.T.toarray()
     control = {f"x{k}": v for k, v in enumerate(em.values)}
-    best, times, w_s = best_of(lambda: SampleWeight().calibrate(em.weights, x, control), repeats=3)
+    try:
+        best, times, w_s = best_of(lambda: SampleWeight().calibrate(em.weights, x, control))
+    except MemoryError as exc:  # samplics forms an n x n matrix internally
+        print(f"samplics linear: out of memory ({exc})")
+        return
     diff = np.max(np.abs(results["linear"] - w_s) / np.abs(w_s))
     tot = np.max(np.abs(em.estimates(w_s) / em.values - 1))
     print(
