@@ -24,7 +24,7 @@ from rich.table import Table
 import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
-from l0calib.io import atomic_path, read_table, table_format
+from l0calib.io import atomic_path, read_table, table_format, write_frame
 from l0calib.report import apply_weights, keep_linked_rows, write_report
 
 EXIT_CODES_HELP = (
@@ -257,13 +257,13 @@ def reweight(
         # Tables first (each atomic), then the report: a failure leaves no partial file.
         with ExitStack() as stack:
             tmp_out = stack.enter_context(atomic_path(out))
-            _write_as(kept, tmp_out, out)
+            write_frame(kept, tmp_out, like=out)
             if persons_out is not None and person_frame is not None:
                 tmp_p = stack.enter_context(atomic_path(persons_out))
                 linked = keep_linked_rows(
                     person_frame, person_household_column, kept[id_column].to_numpy()
                 )
-                _write_as(linked, tmp_p, persons_out)
+                write_frame(linked, tmp_p, like=persons_out)
             write_report(result, report, n_targets=em.n_targets, extra=extra, overwrite=force)
     if not quiet:
         stdout.print(_final_table(result))
@@ -274,14 +274,6 @@ def reweight(
             f"(max abs rel error {result.info['max_abs_rel_error']:.3%}); outputs were written."
         )
         raise typer.Exit(code=EXIT_TOLERANCE)
-
-
-def _write_as(frame, tmp: Path, final: Path) -> None:
-    """Write ``frame`` to ``tmp`` in the format ``final``'s extension names."""
-    if table_format(final) == "csv":
-        frame.to_csv(tmp, index=False)
-    else:
-        frame.to_parquet(tmp, index=False)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

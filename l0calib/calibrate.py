@@ -40,6 +40,7 @@ import scipy.optimize
 import scipy.sparse as sp
 import torch
 
+from l0calib._checks import nonneg, positive_int
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
 from l0calib.exceptions import ConvergenceWarning, ParameterError, TargetError
 from l0calib.hardconcrete import HardConcrete
@@ -721,7 +722,7 @@ def calibrate(
         patience, log_every, tol, refit_max_iter,
     )  # fmt: skip
     if refit_l2 is not None:
-        _check_nonneg("refit_l2", refit_l2)
+        nonneg("refit_l2", refit_l2)
     if refit_anchor not in ("initial", "trained"):
         raise ParameterError(f"refit_anchor must be 'initial' or 'trained', got {refit_anchor!r}")
     k_goal = target_records
@@ -883,8 +884,8 @@ def refit(
         mask[idx] = True
     if not mask.any():
         raise ParameterError("keep selects no record")
-    _check_positive_int("max_iter", max_iter)
-    _check_nonneg("lambda_l2", lambda_l2)
+    positive_int("max_iter", max_iter)
+    nonneg("lambda_l2", lambda_l2)
     w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=False)
     return _result(
         pb,
@@ -899,17 +900,6 @@ def refit(
         method="refit",
         info=info,
     )
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_nonneg(name: str, value: object) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
-        raise ParameterError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_options(
@@ -939,20 +929,20 @@ def _check_options(
                 "lambda_l0 is steered automatically when target_records is set; pass one "
                 "or the other"
             )
-    _check_nonneg("lambda_l2", lambda_l2)
+    nonneg("lambda_l2", lambda_l2)
     if lambda_l0 is not None:
-        _check_nonneg("lambda_l0", lambda_l0)
+        nonneg("lambda_l0", lambda_l0)
     for name, value in (
         ("epochs", epochs),
         ("patience", patience),
         ("log_every", log_every),
         ("refit_max_iter", refit_max_iter),
     ):
-        _check_positive_int(name, value)
+        positive_int(name, value)
     for name, value in (("lr", lr), ("temperature", temperature)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ParameterError(f"{name} must be a finite number > 0, got {value!r}")
     if not (isinstance(init_keep, (int, float)) and 0 < init_keep < 1):
         raise ParameterError(f"init_keep must be strictly between 0 and 1, got {init_keep!r}")
     if tol is not None:
-        _check_nonneg("tol", tol)
+        nonneg("tol", tol)

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
 from l0calib.noise import logistic_noise
 
@@ -44,18 +45,6 @@ TestGate = Literal["paper", "median"]
 _TEST_GATES = ("paper", "median")
 # Uniform draws from a torch.Generator are clamped into [_EPS, 1 - _EPS] so the logit is finite.
 _EPS = 1e-6
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ParameterError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class HardConcrete(nn.Module):
@@ -127,20 +116,20 @@ class HardConcrete(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("input_dim", input_dim)
+        positive_int("input_dim", input_dim)
         if output_dim is not None:
-            _check_positive_int("output_dim", output_dim)
+            positive_int("output_dim", output_dim)
         self.temperature = temperature  # validated by the property setter
-        stretch = _check_finite("stretch", stretch)
+        stretch = finite("stretch", stretch)
         if stretch < 0:
             raise ParameterError(f"stretch must be >= 0, got {stretch!r}")
-        init_mean = _check_finite("init_mean", init_mean)
+        init_mean = finite("init_mean", init_mean)
         if not 0.0 < init_mean < 1.0:
             raise ParameterError(
                 f"init_mean must be strictly between 0 and 1, got {init_mean!r} "
                 "(it is the initial sigmoid(log_alpha); use e.g. 0.999 to start almost all open)"
             )
-        init_std = _check_finite("init_std", init_std)
+        init_std = finite("init_std", init_std)
         if init_std < 0:
             raise ParameterError(f"init_std must be >= 0, got {init_std!r}")
         if test_gate not in _TEST_GATES:
@@ -176,7 +165,7 @@ class HardConcrete(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        value = _check_finite("temperature", value)
+        value = finite("temperature", value)
         if value <= 0:
             raise ParameterError(f"temperature must be > 0, got {value!r}")
         self._temperature = value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pandas as pd
 
 from l0calib.exceptions import DataError
 
-__all__ = ["atomic_path", "read_table", "table_format", "write_table"]
+__all__ = ["atomic_dir", "atomic_path", "read_table", "table_format", "write_frame", "write_table"]
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -159,6 +160,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; move it to ``path`` only on success.
+
+    An existing ``path`` is replaced only with ``overwrite``; otherwise it is a
+    :class:`DataError`. On failure the temporary directory is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise DataError(f"{path}: already exists (use --force / overwrite=True)")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        os.chmod(path, 0o777 & ~_umask())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -174,13 +196,22 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         The written path.
     """
     p = Path(path)
-    fmt = table_format(p)
+    table_format(p)  # refuse an unsupported extension before writing anything
     with atomic_path(p) as tmp:
-        if fmt == "csv":
-            frame.to_csv(tmp, index=False, compression=_compression(p))
-        else:
-            frame.to_parquet(tmp, index=False)
+        write_frame(frame, tmp, like=p)
     return p
+
+
+def write_frame(frame: pd.DataFrame, path: Path, *, like: Path) -> None:
+    """Write ``frame`` to ``path`` (not atomically) in the format ``like``'s name implies.
+
+    For writing into a temporary file that is renamed to ``like`` later (see
+    :func:`atomic_path`).
+    """
+    if table_format(like) == "csv":
+        frame.to_csv(path, index=False, compression=_compression(like))
+    else:
+        frame.to_parquet(path, index=False)
 
 
 def _compression(p: Path) -> str | None:

@@ -6,12 +6,8 @@ Everything is written atomically: a failure leaves the previous files (or nothin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ import pandas as pd
 from l0calib._version import __version__
 from l0calib.calibrate import CalibrationResult
 from l0calib.exceptions import DataError, ParameterError
+from l0calib.io import atomic_dir
 
 __all__ = ["apply_weights", "keep_linked_rows", "summary", "write_report"]
 
@@ -101,29 +98,6 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``path``, moved to ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            if not overwrite:
-                raise DataError(f"{path}: already exists (use --force / overwrite=True)")
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        os.chmod(path, 0o777 & ~_umask())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_report(
     result: CalibrationResult,
     directory: str | os.PathLike[str],
@@ -142,7 +116,7 @@ def write_report(
         The report directory.
     """
     target = Path(directory)
-    with _atomic_dir(target, overwrite=overwrite) as tmp:
+    with atomic_dir(target, overwrite=overwrite) as tmp:
         cols = ["name", "target", "estimate", "error", "rel_error", "holdout", "within_tolerance"]
         result.report[cols].to_csv(tmp / "targets.csv", index=False)
         result.history.to_csv(tmp / "history.csv", index=False)
