@@ -440,14 +440,6 @@ class _Fit:
         return base * z, base
 
 
-def _select(scores: np.ndarray, k: int) -> np.ndarray:
-    # Highest scores first; equal scores go to the lower record index (stable sort).
-    order = np.argsort(-scores, kind="stable")
-    mask = np.zeros(scores.size, dtype=bool)
-    mask[order[:k]] = True
-    return mask
-
-
 def _solve_ratios(
     pb: _Problem,
     idx: np.ndarray,
@@ -771,15 +763,16 @@ def calibrate(
 
         final = k_goal if k_goal is not None else survivors
         gated_w, base = fit.trained_weights(n / max(final, 1.0))
-        scores = fit.keep_scores()
+        # Highest keep-probability first; ties go to the lower record index (stable sort).
+        order = np.argsort(-fit.keep_scores(), kind="stable")
         if k_goal is not None:
-            kept = _select(scores, k_goal) if k_goal < n else np.ones(n, dtype=bool)
+            kept = np.zeros(n, dtype=bool)
+            kept[order[:k_goal]] = True
         else:
             kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
         before = np.where(kept, gated_w, 0.0)
         weights_out, info = before, {"refit_converged": True}
         if refit and kept.any():
-            order = np.argsort(-scores, kind="stable")
             if refit_l2 is None:
                 refit_l2 = 1e-6 if kept.all() else 1e-3
             if refit_anchor == "initial":
