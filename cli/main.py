@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def _output_paths(microdata: Path, output: Path | None, report_dir: Path | None)
 
 def _final_table(result: l0calib.CalibrationResult) -> Table:
     d, info = result.diagnostics, result.info
-    table = Table(title="l0calib reweight", show_header=False)
+    table = Table(title=f"l0calib ({result.method})", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("records in / out", f"{d.n_records:,} / {d.n_kept:,}")
@@ -221,17 +222,7 @@ def reweight(
     `<weight column>_initial`), the kept households' persons with `--persons`, and a
     report directory (targets.csv, summary.json, history.csv).
     """
-    start = time.perf_counter()
-    command = " ".join(["l0calib", *sys.argv[1:]])
-    out, report = _output_paths(microdata, output, report_dir)
-    persons_out = None
-    if persons is not None:
-        persons_out = out.with_name(f"{persons.stem}_reweighted{out.suffix}")
-    if not force:
-        for p in (out, report, persons_out, log):
-            if p is not None and p.exists():
-                _say(f"Error: {p} already exists (use --force to overwrite)")
-                raise typer.Exit(code=1)
+    job = _Job.plan(microdata, targets, persons, output, report_dir, log, force)
     with user_errors():
         households, person_frame, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column
@@ -246,34 +237,138 @@ def reweight(
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                 seed=seed, device=device, callback=callback, log_path=log,
             )  # fmt: skip
+        job.write(households, person_frame, em, result, id_column, weight_column,
+                  person_household_column)  # fmt: skip
+    job.finish(result, quiet)
+
+
+@dataclass
+class _Job:
+    """Output paths of a fitting command, and the all-or-nothing writing of them."""
+
+    out: Path
+    report: Path
+    persons_out: Path | None
+    force: bool
+    start: float
+    command: str
+    microdata: Path
+    targets: Path
+
+    @classmethod
+    def plan(
+        cls, microdata: Path, targets: Path, persons: Path | None, output: Path | None,
+        report_dir: Path | None, log: Path | None, force: bool,
+    ) -> _Job:  # fmt: skip
+        out, report = _output_paths(microdata, output, report_dir)
+        persons_out = None
+        if persons is not None:
+            persons_out = out.with_name(f"{persons.stem}_reweighted{out.suffix}")
+        if not force:
+            for p in (out, report, persons_out, log):
+                if p is not None and p.exists():
+                    _say(f"Error: {p} already exists (use --force to overwrite)")
+                    raise typer.Exit(code=1)
+        return cls(
+            out=out, report=report, persons_out=persons_out, force=force,
+            start=time.perf_counter(), command=" ".join(["l0calib", *sys.argv[1:]]),
+            microdata=microdata, targets=targets,
+        )  # fmt: skip
+
+    def write(
+        self, households, person_frame, em, result, id_column: str, weight_column: str,
+        person_household_column: str,
+    ) -> None:  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
         extra = {
-            "command": command,
-            "microdata": str(microdata),
-            "targets": str(targets),
-            "output": str(out),
-            "seconds_total": time.perf_counter() - start,
+            "command": self.command,
+            "microdata": str(self.microdata),
+            "targets": str(self.targets),
+            "output": str(self.out),
+            "seconds_total": time.perf_counter() - self.start,
         }
         # Tables first (each atomic), then the report: a failure leaves no partial file.
         with ExitStack() as stack:
-            tmp_out = stack.enter_context(atomic_path(out))
-            write_frame(kept, tmp_out, like=out)
-            if persons_out is not None and person_frame is not None:
-                tmp_p = stack.enter_context(atomic_path(persons_out))
+            tmp_out = stack.enter_context(atomic_path(self.out))
+            write_frame(kept, tmp_out, like=self.out)
+            if self.persons_out is not None and person_frame is not None:
+                tmp_p = stack.enter_context(atomic_path(self.persons_out))
                 linked = keep_linked_rows(
                     person_frame, person_household_column, kept[id_column].to_numpy()
                 )
-                write_frame(linked, tmp_p, like=persons_out)
-            write_report(result, report, n_targets=em.n_targets, extra=extra, overwrite=force)
-    if not quiet:
-        stdout.print(_final_table(result))
-        stdout.print(f"wrote {out}" + (f", {persons_out}" if persons_out else "") + f", {report}/")
-    if not result.converged:
-        _say(
-            "Warning: the fit finished but missed the requested tolerance "
-            f"(max abs rel error {result.info['max_abs_rel_error']:.3%}); outputs were written."
+                write_frame(linked, tmp_p, like=self.persons_out)
+            write_report(
+                result, self.report, n_targets=em.n_targets, extra=extra, overwrite=self.force
+            )
+
+    def finish(self, result: l0calib.CalibrationResult, quiet: bool) -> None:
+        if not quiet:
+            stdout.print(_final_table(result))
+            written = [str(self.out), str(self.persons_out) if self.persons_out else None]
+            listed = ", ".join(w for w in written if w)
+            stdout.print(f"wrote {listed}, {self.report}/")
+        if not result.converged:
+            _say(
+                "Warning: the fit finished but missed the requested tolerance (max abs rel "
+                f"error {result.info['max_abs_rel_error']:.3%}); outputs were written."
+            )
+            raise typer.Exit(code=EXIT_TOLERANCE)
+
+
+@app.command("calibrate", epilog=EXIT_CODES_HELP)
+def calibrate_command(
+    microdata: Path = MICRODATA,
+    targets: Path = TARGETS,
+    method: str = typer.Option("raking", "--method", help="raking, linear, logit or truncated."),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="L,U bounds on w / w0 (needed by logit and truncated)."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Output table (.parquet or .csv). Default: <MICRODATA stem>_reweighted.parquet.",
+    ),
+    weight_column: str = WEIGHT_COLUMN,
+    id_column: str = ID_COLUMN,
+    persons: Path | None = PERSONS,
+    person_household_column: str = PERSON_LINK,
+    report_dir: Path | None = typer.Option(
+        None, "--report-dir", help="Report directory. Default: <output stem>_report/."
+    ),
+    holdout: str | None = typer.Option(
+        None, "--holdout", help="Comma-separated target names to report but not fit."
+    ),
+    max_iter: int = typer.Option(50, "--max-iter", help="Newton iterations."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+) -> None:
+    """Exact classic calibration of all households: raking, linear, logit or truncated.
+
+    Every fitted target is met exactly (Deville & Sarndal 1992, as R's survey::calibrate);
+    fails with a clear message when targets are linearly dependent or infeasible. Writes
+    the same files as `reweight`.
+    """
+    parsed_bounds = None
+    if bounds is not None:
+        try:
+            lo, hi = (float(x) for x in bounds.split(","))
+        except ValueError:
+            raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
+        parsed_bounds = (lo, hi)
+    job = _Job.plan(microdata, targets, persons, output, report_dir, None, force)
+    with user_errors():
+        households, person_frame, em = _load(
+            microdata, targets, persons, id_column, weight_column, person_household_column
         )
-        raise typer.Exit(code=EXIT_TOLERANCE)
+        held = _holdout(em.names, holdout, None, 0)
+        result = l0calib.calibrate_exact(
+            em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
+            max_iter=max_iter,
+        )  # fmt: skip
+        job.write(households, person_frame, em, result, id_column, weight_column,
+                  person_household_column)  # fmt: skip
+    job.finish(result, quiet)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from l0calib.calibrate import CalibrationResult, _problem, _result
-from l0calib.diagnostics import dependent_targets
+from l0calib.diagnostics import dependent_targets, list_names
 from l0calib.exceptions import CalibrationError, ParameterError
 
 __all__ = ["METHODS", "calibrate_exact"]
@@ -239,9 +239,7 @@ def _check_rank(em: Any, rows: np.ndarray, a: sp.csr_matrix, w0: np.ndarray) -> 
     deps = dependent_targets(sub)
     if not deps:
         return
-    listed = "; ".join(
-        f"{d} = combination of {', '.join(p[:6])}" for d, p in list(deps.items())[:5]
-    )
+    listed = "; ".join(f"{d} = combination of {list_names(p)}" for d, p in list(deps.items())[:5])
     more = f" (and {len(deps) - 5} more)" if len(deps) > 5 else ""
     raise CalibrationError(
         f"{len(deps)} target(s) are linear combinations of others, so exact calibration is "

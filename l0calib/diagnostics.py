@@ -167,6 +167,12 @@ def target_report(
     )
 
 
+def list_names(names: list[str], limit: int = 6) -> str:
+    """``"a, b, c and 4 more"``: at most ``limit`` names, for messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def dependent_targets(em: EstimateMatrix, *, max_targets: int = 5000) -> dict[str, list[str]]:
     """Targets whose row of ``A`` is a linear combination of other rows.
 
@@ -244,8 +250,7 @@ def check_targets(
     for dep, parts in dependent_targets(em, max_targets=max_targets).items():
         i = names[dep]
         if not any(f.startswith("duplicate of") for f in flags[i]):
-            shown = ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
-            flags[i].append(f"linear combination of {shown}")
+            flags[i].append(f"linear combination of {list_names(parts)}")
     return pd.DataFrame(
         {
             "name": list(em.names),

@@ -192,3 +192,39 @@ def test_installed_script_runs_reweight(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (pd.read_parquet(out)["household_weight"] > 0).sum() == 3
     assert "records in / out" in proc.stdout
+
+
+def test_calibrate_command_matches_r(tmp_path: Path) -> None:
+    r_dir = FIXTURES / "r_survey"
+    out = tmp_path / "strat.csv"
+    result = runner.invoke(app, [
+        "calibrate", str(r_dir / "apistrat.csv"), str(r_dir / "targets_stype_schwide_api99.csv"),
+        "--id-column", "snum", "--weight-column", "pw", "--method", "logit",
+        "--bounds", "0.7,1.7", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = pd.read_csv(out)
+    r = pd.read_csv(r_dir / "r_weights_apistrat.csv").set_index("snum")
+    expected = r.loc[written["snum"], "stype_schwide_api99_logit"].to_numpy()
+    np.testing.assert_allclose(written["pw"].to_numpy(), expected, rtol=1e-6)
+    np.testing.assert_array_equal(
+        written["pw_initial"].to_numpy(), pd.read_csv(r_dir / "apistrat.csv")["pw"].to_numpy()
+    )
+    summary = json.loads((tmp_path / "strat_report" / "summary.json").read_text())
+    assert summary["method"] == "logit"
+    assert summary["n_records_out"] == 200
+
+
+def test_calibrate_command_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "o.csv")
+    base = ["calibrate", str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"),
+            "--persons", str(SURVEY / "persons.parquet"), "-o", out]  # fmt: skip
+    result = runner.invoke(app, base)
+    assert result.exit_code == 1
+    assert "3 target(s) are linear combinations of others" in result.stderr
+    assert "pop_M_80plus = combination of pop_AL" in result.stderr
+    result = runner.invoke(app, [*base, "--method", "logit"])
+    assert result.exit_code == 1
+    assert "method 'logit' needs bounds=(L, U)" in result.stderr
+    assert runner.invoke(app, [*base, "--bounds", "0.5"]).exit_code == 2
+    assert list(tmp_path.iterdir()) == []
