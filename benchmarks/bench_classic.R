@@ -2,8 +2,10 @@
 #   Rscript benchmarks/bench_classic.R DIR
 # DIR holds triplets.csv (target, record, value; 1-based), weights.csv, targets.csv.
 # Writes DIR/r_<calfun>_weights.csv and prints one line of timings per calfun.
+# R_MAXIT (default 100) sets calibrate's maxit.
 suppressPackageStartupMessages({ library(survey); library(Matrix) })
 dir <- commandArgs(trailingOnly = TRUE)[1]
+maxit <- as.integer(Sys.getenv("R_MAXIT", "100"))
 tr <- read.csv(file.path(dir, "triplets.csv"))
 w0 <- read.csv(file.path(dir, "weights.csv"))$w
 tg <- read.csv(file.path(dir, "targets.csv"))
@@ -18,7 +20,7 @@ for (calfun in c("linear", "raking")) {
   times <- c()
   for (rep in 1:3) {
     t0 <- proc.time()[["elapsed"]]
-    cal <- calibrate(design, formula, population, calfun = calfun, epsilon = 1e-10, maxit = 100)
+    cal <- calibrate(design, formula, population, calfun = calfun, epsilon = 1e-10, maxit = maxit)
     times <- c(times, proc.time()[["elapsed"]] - t0)
   }
   write.csv(data.frame(w = weights(cal)), file.path(dir, paste0("r_", calfun, "_weights.csv")),

@@ -15,6 +15,7 @@ Times are best of 3 and exclude reading the data; R's include its model-matrix s
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +45,7 @@ def best_of(fn, repeats=3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--households", type=int, default=100_000)
+    parser.add_argument("--r-maxit", type=int, default=100, help="survey::calibrate's maxit")
     args = parser.parse_args()
 
     s = synthetic_survey(args.households, seed=0, state_age_targets=False)
@@ -73,9 +75,11 @@ def main() -> None:
             )
             pd.DataFrame({"w": em.weights}).to_csv(Path(d) / "weights.csv", index=False)
             pd.DataFrame({"value": em.values}).to_csv(Path(d) / "targets.csv", index=False)
+            env = {**os.environ, "R_MAXIT": str(args.r_maxit)}
             out = subprocess.run(
-                ["Rscript", str(HERE / "bench_classic.R"), d], capture_output=True, text=True
-            )
+                ["Rscript", str(HERE / "bench_classic.R"), d],
+                capture_output=True, text=True, env=env,
+            )  # fmt: skip
             if out.returncode != 0:
                 print("R failed:", out.stderr[-2000:])
             for line in out.stdout.splitlines():
