@@ -293,9 +293,8 @@ def _problem(
 class _CsvLog:
     """microcalibrate's per-target log, written to a temp file and renamed at the end."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, every: int) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = path
-        self.every = every
         self._ctx: Any = None
         self._file: Any = None
         self._writer: Any = None
@@ -728,7 +727,7 @@ def calibrate(
     # The survivor goal falls linearly from n to K over the first 60% of the epochs.
     ramp = max(1, int(0.6 * epochs))
     best, since_best, epoch, shift, survivors = math.inf, 0, 0, 0.0, float(n)
-    with _CsvLog(log_path, log_every) as log:
+    with _CsvLog(log_path) as log:
         for epoch in range(1, epochs + 1):
             goal = n - (n - k_goal) * min(1.0, epoch / ramp) if gated and k_goal else None
             # Weights are inflated by n / expected survivors (a Horvitz-Thompson-like
