@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -293,6 +294,7 @@ class Expression:
             return _Evaluator(self, source).visit(self.tree.body)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_expression(text: str) -> Expression:
     """Parse and validate an expression without evaluating it.
 
@@ -309,6 +311,9 @@ def parse_expression(text: str) -> Expression:
     ------
     ExpressionError
         On a syntax error (with the position) or a construct outside the language.
+
+    Parsed expressions are cached (they are immutable), so a target file's expressions
+    are parsed once although they are validated before they are evaluated.
 
     Example
     -------
