@@ -102,8 +102,6 @@ def _check_method(method: str, bounds: Any) -> tuple[float, float] | None:
         raise ParameterError(f"bounds must satisfy 0 <= L < 1 < U (finite), got ({lo}, {hi})")
     if method == "raking":
         raise ParameterError("raking takes no bounds; use method='logit' for bounded raking")
-    if method == "linear":
-        return None if bounds is None else (lo, hi)
     return (lo, hi)
 
 
@@ -181,7 +179,7 @@ def calibrate_exact(
     scale = np.maximum(np.abs(t), 1.0)
     w0 = pb.w0
     cal = _CalFun(method, bnds)
-    _check_rank(em, rows, a, w0)
+    _check_rank(em, rows)
 
     lam = np.zeros(rows.size)
     history: list[tuple[int, float]] = []
@@ -233,7 +231,7 @@ def calibrate_exact(
     )  # fmt: skip
 
 
-def _check_rank(em: Any, rows: np.ndarray, a: sp.csr_matrix, w0: np.ndarray) -> None:
+def _check_rank(em: Any, rows: np.ndarray) -> None:
     """Refuse linearly dependent fitted targets, naming them."""
     sub = em.select_targets(np.isin(np.arange(em.n_targets), rows))
     deps = dependent_targets(sub)

@@ -67,7 +67,3 @@ class SparseOperator:
     def __matmul__(self, w: torch.Tensor) -> torch.Tensor:
         """``A @ w`` for ``w`` of shape (n_records,); differentiable in ``w``."""
         return _MatVec.apply(w, self.a, self.at)
-
-    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
-        """``A.T @ g`` for ``g`` of shape (n_targets,)."""
-        return torch.mv(self.at, g)
