@@ -37,7 +37,7 @@ from torch import nn
 
 from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
-from l0calib.noise import logistic_noise
+from l0calib.noise import logistic_from_uniform, logistic_noise
 
 __all__ = ["HardConcrete"]
 
@@ -199,7 +199,7 @@ class HardConcrete(nn.Module):
 
     def _uniform_to_logistic(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         u = u.to(device=self.log_alpha.device, dtype=torch.float64).clamp(_EPS, 1 - _EPS)
-        return (torch.log(u) - torch.log1p(-u)).to(dtype)
+        return logistic_from_uniform(u, dtype=dtype)
 
     def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.seed is not None:

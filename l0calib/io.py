@@ -20,6 +20,8 @@ from l0calib.exceptions import DataError
 __all__ = ["atomic_dir", "atomic_path", "read_table", "table_format", "write_frame", "write_table"]
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# Compressed CSV: the suffix after .csv, and pandas' name for the codec.
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz"}
 
 
 def table_format(path: str | os.PathLike[str]) -> str:
@@ -32,12 +34,7 @@ def table_format(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     suffixes = [s.lower() for s in p.suffixes]
-    if suffixes[-2:] in (
-        [".csv", ".gz"],
-        [".csv", ".bz2"],
-        [".csv", ".zip"],
-        [".csv", ".xz"],
-    ):
+    if len(suffixes) >= 2 and suffixes[-2] == ".csv" and suffixes[-1] in _COMPRESSION:
         return "csv"
     fmt = _FORMATS.get(p.suffix.lower())
     if fmt is None:
@@ -215,4 +212,4 @@ def write_frame(frame: pd.DataFrame, path: Path, *, like: Path) -> None:
 
 
 def _compression(p: Path) -> str | None:
-    return {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz"}.get(p.suffix.lower())
+    return _COMPRESSION.get(p.suffix.lower())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["counter_uniform", "logistic_noise"]
+__all__ = ["counter_uniform", "logistic_from_uniform", "logistic_noise"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -104,5 +104,13 @@ def logistic_noise(
 
     Computed in float64 (so it is finite: at most about 37.4 in magnitude), then cast.
     """
-    u = counter_uniform(seed, draw, index, dtype=torch.float64)
+    return logistic_from_uniform(counter_uniform(seed, draw, index), dtype=dtype)
+
+
+def logistic_from_uniform(u: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """``log(u) - log(1 - u)``, computed in float64 and cast to ``dtype``.
+
+    ``u`` must lie in the open interval (0, 1); the result is then finite.
+    """
+    u = u.to(torch.float64)
     return (torch.log(u) - torch.log1p(-u)).to(dtype)
