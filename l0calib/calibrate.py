@@ -178,12 +178,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _holdout_mask(em: EstimateMatrix, holdout: Any) -> np.ndarray:
     if holdout is None:
         return np.zeros(em.n_targets, dtype=bool)
-    arr = np.asarray(holdout)
-    if arr.dtype == bool:
-        if arr.shape != (em.n_targets,):
-            raise ParameterError(f"holdout mask must have shape ({em.n_targets},), got {arr.shape}")
-        return arr.copy()
-    return em._target_mask([str(h) for h in arr.ravel()])
+    return em._target_mask(holdout, what="holdout mask")
 
 
 def _initial_weights(em: EstimateMatrix, weights: Any) -> np.ndarray:

@@ -334,12 +334,13 @@ class EstimateMatrix:
             zero_support=tuple(n for n in self.zero_support if n in set(names)),
         )
 
-    def _target_mask(self, keep: np.ndarray | Sequence[str]) -> np.ndarray:
+    def _target_mask(self, keep: np.ndarray | Sequence[str], what: str = "mask") -> np.ndarray:
+        """A boolean mask of targets from a mask or names; ``what`` names it in errors."""
         arr = np.asarray(keep)
         if arr.dtype == bool:
             if arr.shape != (self.n_targets,):
-                raise ParameterError(f"mask must have shape ({self.n_targets},), got {arr.shape}")
-            return arr
+                raise ParameterError(f"{what} must have shape ({self.n_targets},), got {arr.shape}")
+            return arr.copy()
         wanted = [str(x) for x in arr.ravel()]
         index = {n: i for i, n in enumerate(self.names)}
         unknown = [n for n in wanted if n not in index]
