@@ -114,14 +114,14 @@ def read_targets(
     """
     parsed, problems, label = _read_targets(targets, source)
     if problems:
-        raise TargetError.from_problems(label, problems)
+        raise TargetError.from_problems(label, [message for _, message in problems])
     return parsed
 
 
 def _read_targets(
     targets: str | os.PathLike[str] | pd.DataFrame | Sequence[Target], source: str | None
-) -> tuple[list[Target], list[str], str]:
-    """Parse what can be parsed; return the good targets, every problem, and the label."""
+) -> tuple[list[Target], list[tuple[int, str]], str]:
+    """Parse what can be parsed; return the good targets, every (row, problem), the label."""
     if isinstance(targets, (str, os.PathLike)):
         source = source or Path(targets).name
         frame = read_table(targets, text_columns=True)
@@ -137,11 +137,11 @@ def _read_targets(
     return parsed, problems, label
 
 
-def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[str]]:
+def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[tuple[int, str]]]:
     """Parse rows; structural problems (missing columns, no rows) raise at once."""
     columns = [str(c).strip() for c in frame.columns]
     frame = frame.set_axis(columns, axis=1)
-    problems: list[str] = []
+    problems: list[str] = []  # structural: raised at once
     for required in ("name", "value"):
         if required not in columns:
             hint = closest(required, columns)
@@ -161,6 +161,7 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[s
         raise TargetError(f"{source}: the targets table has no rows")
 
     out: list[Target] = []
+    row_problem_list: list[tuple[int, str]] = []
     first_row: dict[str, int] = {}
     for i, rec in enumerate(frame.to_dict("records"), start=1):
         name = None if _blank(rec.get("name")) else str(rec["name"]).strip()
@@ -196,7 +197,7 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[s
                 except ExpressionError as exc:
                     row_problems.append(f"column '{col}': {exc}")
         group = None if _blank(rec.get("group")) else str(rec["group"]).strip()
-        problems.extend(f"{where}: {p}" for p in row_problems)
+        row_problem_list.extend((i, f"{where}: {p}") for p in row_problems)
         if not row_problems:
             out.append(
                 Target(
@@ -211,15 +212,7 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[s
                     row=i,
                 )
             )
-    return out, problems
-
-
-def _row_of(problem: str) -> int:
-    # Problems start "<file> row N ...": order them by N.
-    marker = " row "
-    i = problem.find(marker)
-    digits = problem[i + len(marker) :].split(" ", 1)[0].rstrip(":") if i >= 0 else ""
-    return int(digits) if digits.isdigit() else 0
+    return out, row_problem_list
 
 
 def _number(
@@ -695,7 +688,9 @@ def build_estimate_matrix(
         where = _where(tg_label, t.row, t.name)
         entity = entities.get(t.entity)
         if entity is None:
-            problems.append(f"{where}: entity 'person' needs a persons table, and none was given")
+            problems.append(
+                (t.row or 0, f"{where}: entity 'person' needs a persons table, and none was given")
+            )
             continue
         m = entity.source.n_rows
         column = "filter"
@@ -708,7 +703,7 @@ def build_estimate_matrix(
             else:
                 contrib = mask.astype(np.float64)
         except ExpressionError as exc:
-            problems.append(f"{where}: column '{column}': {exc}")
+            problems.append((t.row or 0, f"{where}: column '{column}': {exc}"))
             continue
         if entity.household_pos is not None:
             nz = contrib != 0
@@ -719,17 +714,20 @@ def build_estimate_matrix(
                 what = (
                     "its filter selects no record" if not mask.any() else "every contribution is 0"
                 )
-                problems.append(
+                message = (
                     f"{where}: zero support: {what}, so no weighting can reach "
                     f"{t.value:g} (fix the filter or remove the target)"
                 )
+                problems.append((t.row or 0, message))
                 continue
             zero.append(t.name)
         indices.append(idx)
         data.append(contrib[idx])
         indptr.append(indptr[-1] + idx.size)
     if problems:
-        raise TargetError.from_problems(tg_label, sorted(problems, key=_row_of))
+        # Parse problems and evaluation problems together, in file row order (stable).
+        ordered = sorted(problems, key=lambda p: p[0])
+        raise TargetError.from_problems(tg_label, [message for _, message in ordered])
 
     matrix = sp.csr_matrix(
         (
