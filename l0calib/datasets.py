@@ -27,6 +27,7 @@ import pandas as pd
 
 from l0calib.exceptions import ParameterError
 from l0calib.io import write_table
+from l0calib.targets import build_estimate_matrix
 
 __all__ = ["STATES", "SyntheticSurvey", "synthetic_survey"]
 
@@ -253,9 +254,6 @@ def synthetic_survey(
 
     n_pop = max(3 * n_households, 50_000)
     pop_hh, pop_persons, pop_w = _draw(pop_rng, n_pop, state_income, respondents=False)
-
-    # Local import: the targets module imports io, which must not import datasets.
-    from l0calib.targets import build_estimate_matrix
 
     rows = _target_rows(full)
     spec = pd.DataFrame(rows).assign(value=1.0)
