@@ -17,6 +17,7 @@ from l0calib.exceptions import (
     ParameterError,
     TargetError,
 )
+from l0calib.gates import FeatureGate, HybridGate, L0Gate, SampleGate, pps_sample
 from l0calib.hardconcrete import HardConcrete
 from l0calib.io import read_table, write_table
 from l0calib.targets import (
@@ -33,10 +34,14 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "EstimateMatrix",
+    "FeatureGate",
     "HardConcrete",
+    "HybridGate",
     "L0CalibError",
+    "L0Gate",
     "ParameterError",
     "Progress",
+    "SampleGate",
     "SyntheticSurvey",
     "Target",
     "TargetError",
@@ -45,6 +50,7 @@ __all__ = [
     "build_estimate_matrix",
     "calibrate",
     "calibrate_exact",
+    "pps_sample",
     "read_table",
     "read_targets",
     "refit",

@@ -126,6 +126,9 @@ class CalibrationResult:
     info : dict
         Method-specific figures (for the engine: errors before and after the refit,
         refit iterations, final lambda_l0...).
+    keep_probability : numpy.ndarray, shape (n_records,), optional
+        The engine's final ``P(z_i != 0)`` per record (1 for ungated and ``always_keep``
+        records): how strongly training wanted each record. ``None`` for other methods.
     """
 
     weights: np.ndarray
@@ -139,6 +142,7 @@ class CalibrationResult:
     seed: int
     method: str = "l0"
     info: dict[str, Any] = field(default_factory=dict)
+    keep_probability: np.ndarray | None = None
 
     def fitted_errors(self) -> pd.Series:
         """Absolute relative errors of the fitted (non-holdout) targets, by name."""
@@ -337,6 +341,7 @@ class _Fit:
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
+        fixed: np.ndarray | None = None,
     ) -> None:
         em = pb.em
         self.n = em.n_records
@@ -360,6 +365,14 @@ class _Fit:
         self.opt = torch.optim.Adam(params, lr=lr)
         self.lambda_l0 = lambda_l0
         self.lambda_l2 = lambda_l2
+        # Records whose gate is held open (always kept); their weights are still trained.
+        self.fixed = (
+            None if fixed is None or not fixed.any() else torch.as_tensor(fixed, device=device)
+        )
+        self.n_fixed = 0 if self.fixed is None else int(fixed.sum())  # type: ignore[union-attr]
+
+    def _open_fixed(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.fixed is None else torch.where(self.fixed, torch.ones_like(z), z)
 
     def fit_loss(self, est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = (est - self.t) / self.scale
@@ -372,9 +385,9 @@ class _Fit:
         self.opt.zero_grad(set_to_none=True)
         ratio = torch.exp(self.u)
         if self.gates is not None:
-            z = self.gates.rsample()
+            z = self._open_fixed(self.gates.rsample())
             w = (self.w0 * inflation) * ratio * z
-            p = self.gates.get_active_prob().to(ratio.dtype)
+            p = self._open_fixed(self.gates.get_active_prob().to(ratio.dtype))
         else:
             w = self.w0 * ratio
             p = torch.ones_like(ratio)
@@ -389,39 +402,17 @@ class _Fit:
         self.opt.step()
         return float(total.detach()), float(fit.detach()), e.detach(), float(expected.detach())
 
-    @torch.no_grad()
     def project(self, goal: float) -> float:
-        """Shift every gate logit by one constant so that sum P(z != 0) equals ``goal``.
-
-        The exact-count controller: instead of a penalty whose strength must be tuned, the
-        expected number of survivors is held on a schedule, and the fit decides which
-        records carry it. Solved by safeguarded Newton on the shift; returns the shift.
-        """
-        la = self.gates.log_alpha  # type: ignore[union-attr]
-        x = la.double()
-        c = self.gates.temperature * math.log(-self.gates.gamma / self.gates.zeta)  # type: ignore[union-attr]
-        lo, hi = float(x.min()) - c - 50.0, float(x.max()) - c + 50.0  # f(lo) > 0 > f(hi)
-        b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
-        for _ in range(60):
-            p = torch.sigmoid(x - c - b)
-            f = float(p.sum()) - goal
-            if abs(f) <= 1e-6 * max(goal, 1.0):
-                break
-            if f > 0:
-                lo = b
-            else:
-                hi = b
-            slope = float((p * (1 - p)).sum())
-            step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
-            b = step if lo < step < hi else 0.5 * (lo + hi)
-        la.sub_(b)
-        return b
+        """Hold the expected number of survivors at ``goal`` (see
+        :meth:`HardConcrete.shift_to_expected`): the exact-count controller."""
+        free = None if self.fixed is None else ~self.fixed
+        return self.gates.shift_to_expected(goal - self.n_fixed, free)  # type: ignore[union-attr]
 
     @torch.no_grad()
     def keep_scores(self) -> np.ndarray:
         if self.gates is None:
             return np.ones(self.n)
-        return self.gates.get_active_prob().double().cpu().numpy()
+        return _np(self._open_fixed(self.gates.get_active_prob()))
 
     @torch.no_grad()
     def trained_weights(self, inflation: float) -> tuple[np.ndarray, np.ndarray]:
@@ -430,7 +421,7 @@ class _Fit:
         if self.gates is None:
             return base, base
         base = base * inflation
-        z = self.gates.test_gates().double().cpu().numpy()
+        z = _np(self._open_fixed(self.gates.test_gates()))
         return base * z, base
 
 
@@ -487,11 +478,13 @@ def _refit_subset(
     *,
     exact: bool,
     order: np.ndarray | None = None,
+    fixed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Refit the weights of the ``kept`` records, starting from and pulled toward ``base``.
 
     With ``exact``, the result has exactly ``kept.sum()`` non-zero weights: records driven
-    to the floor are replaced by the next ones in ``order`` (candidates, best first).
+    to the floor are replaced by the next ones in ``order`` (candidates, best first);
+    ``fixed`` records are never swapped out.
     """
     kept = kept.copy()
     lower = _FLOOR if exact else 0.0
@@ -503,6 +496,8 @@ def _refit_subset(
         )
         total_iter += int(res.nit)
         at_floor = r <= lower * (1 + 1e-9)
+        if fixed is not None:
+            at_floor &= ~fixed[idx]
         if not exact or order is None or round_ == _SWAP_ROUNDS or not at_floor.any():
             break
         candidates = order[~kept[order]][: int(at_floor.sum())]
@@ -535,6 +530,7 @@ def _result(
     seed: int,
     method: str,
     info: dict[str, Any],
+    keep_probability: np.ndarray | None = None,
 ) -> CalibrationResult:
     """Report, diagnostics and the tolerance check shared by every fitting function."""
     report = target_report(pb.em, weights, pb.holdout, scale_floor=pb.scale_floor)
@@ -572,6 +568,7 @@ def _result(
         seed=seed,
         method=method,
         info=info,
+        keep_probability=keep_probability,
     )
 
 
@@ -588,6 +585,7 @@ def calibrate(
     loss: LossName = "relative",
     normalize_groups: bool = True,
     holdout: Any = None,
+    always_keep: Any = None,
     tol: float | None = None,
     temperature: float = 0.25,
     init_keep: float = 0.99,
@@ -635,6 +633,11 @@ def calibrate(
         Weigh each target group equally (targets without a group are groups of one).
     holdout : sequence of target names, or boolean mask, optional
         Targets left out of the loss but reported (``report["holdout"]``).
+    always_keep : boolean mask of shape (n_records,), or integer indices, optional
+        Records that must survive: their gates are held open (their weights are still
+        trained and refitted) and they count toward ``target_records``, which must be at
+        least their number. The selection gates use this to train the L0 part of a hybrid
+        sample around a random part.
     tol : float, optional
         Requested maximum absolute relative error on fitted targets (a target's own
         ``tolerance`` counts if larger). Missing it sets ``converged=False`` and warns with
@@ -711,11 +714,18 @@ def calibrate(
         nonneg("refit_l2", refit_l2)
     if refit_anchor not in ("initial", "trained"):
         raise ParameterError(f"refit_anchor must be 'initial' or 'trained', got {refit_anchor!r}")
+    fixed = None if always_keep is None else _record_mask("always_keep", always_keep, n)
+    if fixed is not None and target_records is not None and fixed.sum() > target_records:
+        raise ParameterError(
+            f"always_keep holds {int(fixed.sum()):,} records, more than target_records "
+            f"({target_records:,})"
+        )
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
     fit = _Fit(
         pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
         temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+        fixed=fixed,
     )  # fmt: skip
     fitted_t = torch.as_tensor(pb.fitted, device=dev)
     history: list[tuple] = []
@@ -757,8 +767,12 @@ def calibrate(
 
         final = k_goal if k_goal is not None else survivors
         gated_w, base = fit.trained_weights(n / max(final, 1.0))
-        # Highest keep-probability first; ties go to the lower record index (stable sort).
-        order = np.argsort(-fit.keep_scores(), kind="stable")
+        # Highest keep-probability first (always_keep records first of all); ties go to
+        # the lower record index (stable sort).
+        scores = fit.keep_scores()
+        order = np.argsort(
+            -np.where(fixed, np.inf, scores) if fixed is not None else -scores, kind="stable"
+        )
         if k_goal is not None:
             kept = np.zeros(n, dtype=bool)
             kept[order[:k_goal]] = True
@@ -776,7 +790,7 @@ def calibrate(
                 base = pb.w0 * (n / int(kept.sum()))
             weights_out, info = _refit_subset(
                 pb, kept, base, refit_l2, refit_max_iter,
-                exact=k_goal is not None, order=order,
+                exact=k_goal is not None, order=order, fixed=fixed,
             )  # fmt: skip
         if log.path is not None:
             log.write(epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
@@ -806,6 +820,7 @@ def calibrate(
         seed=seed,
         method="l0",
         info=info,
+        keep_probability=scores,
     )
 
 
@@ -826,6 +841,7 @@ def refit(
     scale_floor: float = 1.0,
     tol: float | None = None,
     max_iter: int = 2000,
+    keep_all: bool = False,
 ) -> CalibrationResult:
     """Reweight a chosen subset of records so the targets hold (no gates, no training).
 
@@ -846,34 +862,27 @@ def refit(
     holdout, lambda_l2, normalize_groups, loss, scale_floor, tol
         As for :func:`calibrate`.
     max_iter : int, default 2000
+    keep_all : bool, default False
+        Hold every kept record's weight at or above ``1e-4`` times its starting weight, so
+        exactly the ``keep`` records have non-zero weights (as the engine does for
+        ``target_records``). Otherwise a record may end at 0 if that fits best.
 
     Returns
     -------
     CalibrationResult
-        ``method="refit"``; some kept records may end with weight 0 if that fits best.
+        ``method="refit"``.
     """
     start = time.perf_counter()
     pb = _problem(
         matrix, targets, weights, holdout,
         normalize_groups=normalize_groups, loss=loss, scale_floor=scale_floor,
     )  # fmt: skip
-    n = pb.em.n_records
-    arr = np.asarray(keep)
-    if arr.dtype == bool:
-        if arr.shape != (n,):
-            raise ParameterError(f"keep mask must have shape ({n},), got {arr.shape}")
-        mask = arr.copy()
-    else:
-        idx = arr.astype(np.int64).ravel()
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ParameterError(f"keep indices must be in [0, {n}), got {idx.min()}..{idx.max()}")
-        mask = np.zeros(n, dtype=bool)
-        mask[idx] = True
+    mask = _record_mask("keep", keep, pb.em.n_records)
     if not mask.any():
         raise ParameterError("keep selects no record")
     positive_int("max_iter", max_iter)
     nonneg("lambda_l2", lambda_l2)
-    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=False)
+    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all)
     return _result(
         pb,
         w,
@@ -887,6 +896,23 @@ def refit(
         method="refit",
         info=info,
     )
+
+
+def _record_mask(name: str, value: Any, n: int) -> np.ndarray:
+    """A boolean mask of shape (n,) from a mask or from integer record indices."""
+    arr = np.asarray(value)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ParameterError(f"{name} mask must have shape ({n},), got {arr.shape}")
+        return arr.copy()
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ParameterError(f"{name} must be a boolean mask or integer indices, got {arr.dtype}")
+    idx = arr.astype(np.int64).ravel()
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ParameterError(f"{name} indices must be in [0, {n}), got {idx.min()}..{idx.max()}")
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return mask
 
 
 def _check_options(

@@ -287,6 +287,48 @@ class HardConcrete(nn.Module):
         return self.get_active_prob().sum()
 
     @torch.no_grad()
+    def shift_to_expected(self, goal: float, mask: torch.Tensor | None = None) -> float:
+        """Subtract one constant from every ``log_alpha`` so the expected count hits ``goal``.
+
+        After the call ``get_active_prob()[mask].sum() == goal`` (to 1e-6 relative; ``mask``
+        defaults to every gate). This is how l0calib holds an exact expected number of
+        open gates without a penalty whose strength must be tuned: the optimiser decides
+        *which* gates stay open, the shift decides *how many*. Solved by safeguarded Newton
+        on the shift in float64; returns the shift subtracted.
+
+        Parameters
+        ----------
+        goal : float
+            Expected number of non-zero gates among ``mask``, in ``[0, mask.sum()]``.
+        mask : torch.Tensor of bool, optional
+            Same shape as the gates; the gates whose count is steered.
+        """
+        x = self.log_alpha.double() if mask is None else self.log_alpha[mask].double()
+        size = x.numel()
+        goal = float(goal)
+        if not 0.0 <= goal <= size:
+            raise ParameterError(f"goal must be in [0, {size}], got {goal!r}")
+        if size == 0 or self.stretch == 0:
+            return 0.0
+        c = self.temperature * math.log(-self.gamma / self.zeta)
+        lo, hi = float(x.min()) - c - 50.0, float(x.max()) - c + 50.0  # f(lo) > 0 > f(hi)
+        b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
+        for _ in range(60):
+            p = torch.sigmoid(x - c - b)
+            f = float(p.sum()) - goal
+            if abs(f) <= 1e-6 * max(goal, 1.0):
+                break
+            if f > 0:
+                lo = b
+            else:
+                hi = b
+            slope = float((p * (1 - p)).sum())
+            step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
+            b = step if lo < step < hi else 0.5 * (lo + hi)
+        self.log_alpha.sub_(b)
+        return b
+
+    @torch.no_grad()
     def get_num_active(self) -> int:
         """Number of test-time gates that are non-zero."""
         return int((self.test_gates() > 0).sum())
