@@ -38,11 +38,13 @@ def survey() -> tuple:
 def test_pps_sample_exact_sorted_and_seeded() -> None:
     w = np.arange(1.0, 101.0)
     idx, dw = pps_sample(w, 30, seed=3)
-    assert idx.size == 30 and np.all(np.diff(idx) > 0)
+    assert idx.size == 30
+    assert np.all(np.diff(idx) > 0)
     assert dw.sum() == pytest.approx(w.sum())
     again, _ = pps_sample(w, 30, seed=3)
     other, _ = pps_sample(w, 30, seed=4)
-    assert np.array_equal(idx, again) and not np.array_equal(idx, other)
+    assert np.array_equal(idx, again)
+    assert not np.array_equal(idx, other)
 
 
 @pytest.mark.parametrize("k", [0, 1, 10])
@@ -82,7 +84,8 @@ def test_pps_sample_strata_capped_by_size() -> None:
     strata = np.array([0] * 2 + [1] * 98)
     w = np.array([100.0] * 2 + [1.0] * 98)
     idx, _ = pps_sample(w, 10, strata=strata)
-    assert idx.size == 10 and set(idx[:2]) == {0, 1}
+    assert idx.size == 10
+    assert set(idx[:2]) == {0, 1}
 
 
 @pytest.mark.parametrize(
@@ -105,8 +108,10 @@ def test_untrained_sample_gate_selects_exactly_k(k: int) -> None:
     gate = SampleGate(n_samples=50, target_samples=k)
     data = torch.arange(100.0).reshape(50, 2)
     selected, idx = gate.select_samples(data)
-    assert isinstance(selected, torch.Tensor) and isinstance(idx, torch.Tensor)
-    assert selected.shape == (k, 2) and len(set(idx.tolist())) == k
+    assert isinstance(selected, torch.Tensor)
+    assert isinstance(idx, torch.Tensor)
+    assert selected.shape == (k, 2)
+    assert len(set(idx.tolist())) == k
     assert torch.equal(selected, data[idx])
 
 
@@ -114,19 +119,22 @@ def test_untrained_selection_is_seeded() -> None:
     a = SampleGate(100, 10, seed=1).select_samples(np.arange(100))[1]
     b = SampleGate(100, 10, seed=1).select_samples(np.arange(100))[1]
     c = SampleGate(100, 10, seed=2).select_samples(np.arange(100))[1]
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 def test_dataframe_rows_keep_their_labels() -> None:
     df = pd.DataFrame({"x": range(20)}, index=[f"r{i}" for i in range(20)])
     sel, idx = SampleGate(20, 5).select_samples(df)
-    assert isinstance(sel, pd.DataFrame) and list(sel.index) == [f"r{i}" for i in idx]
+    assert isinstance(sel, pd.DataFrame)
+    assert list(sel.index) == [f"r{i}" for i in idx]
 
 
 def test_untrained_weighted_selection_inflates_weights() -> None:
     gate = SampleGate(10, 5)
     _, w, idx = gate.select_weighted_samples(np.arange(10), np.full(10, 3.0))
-    assert w.tolist() == [6.0] * 5 and len(idx) == 5
+    assert w.tolist() == [6.0] * 5
+    assert len(idx) == 5
 
 
 def test_sample_gate_errors() -> None:
@@ -148,7 +156,8 @@ def test_fitted_sample_gate_keeps_exactly_k_with_calibrated_weights(survey: tupl
     gate = SampleGate(em.n_records, 500, seed=0).fit(em, holdout=hold, epochs=200)
     data = pd.DataFrame({"id": np.arange(em.n_records)})
     sel, w, idx = gate.select_weighted_samples(data)
-    assert len(sel) == 500 == len(idx) and np.all(w > 0)
+    assert len(sel) == 500 == len(idx)
+    assert np.all(w > 0)
     assert np.array_equal(np.flatnonzero(gate.weights_), idx)
     assert np.allclose(em.estimates(gate.weights_), gate.result_.report["estimate"])
     # The learned keep-probabilities were loaded into the gates, and the kept records are
@@ -202,7 +211,8 @@ def test_hybrid_counts_add_up(
     assert (h.n_l0, h.n_random) == (n_l0, n_random)
     _, idx, types = h.select(np.zeros((10000, 1)))
     assert len(idx) == target == len(set(idx.tolist()))
-    assert int((types == "l0").sum()) == n_l0 and np.all(np.diff(idx) > 0)
+    assert int((types == "l0").sum()) == n_l0
+    assert np.all(np.diff(idx) > 0)
 
 
 @pytest.mark.parametrize(
@@ -233,9 +243,11 @@ def test_fitted_hybrid_keeps_its_random_part(survey: tuple) -> None:
     h.fit(em, holdout=hold, epochs=200)
     rand_idx, _ = pps_sample(em.weights, 300, seed=5)
     assert np.array_equal(h.indices_[h.types_ == "random"], rand_idx)
-    assert len(h.indices_) == 600 and np.count_nonzero(h.weights_) == 600
+    assert len(h.indices_) == 600
+    assert np.count_nonzero(h.weights_) == 600
     _, idx, types = h.select(np.arange(em.n_records))
-    assert np.array_equal(idx, h.indices_) and np.array_equal(types, h.types_)
+    assert np.array_equal(idx, h.indices_)
+    assert np.array_equal(types, h.types_)
     with pytest.raises(ParameterError, match="fixed by fit"):
         h.select(np.arange(em.n_records), random_seed=3)
 
@@ -244,7 +256,8 @@ def test_hybrid_all_random_refits_and_stratifies(survey: tuple) -> None:
     em, hold = survey
     strata = np.arange(em.n_records) % 4
     h = HybridGate(em.n_records, 0.0, 1.0, target_items=400).fit(em, holdout=hold, strata=strata)
-    assert (h.types_ == "random").all() and len(h.indices_) == 400
+    assert (h.types_ == "random").all()
+    assert len(h.indices_) == 400
     assert h.result_.method == "refit"
 
 
@@ -253,7 +266,8 @@ def test_always_keep_records_survive_and_count(survey: tuple) -> None:
     em, hold = survey
     must = np.arange(0, em.n_records, 50)  # 100 records
     res = calibrate(em, holdout=hold, target_records=300, always_keep=must, epochs=150)
-    assert res.kept.sum() == 300 and res.kept[must].all()
+    assert res.kept.sum() == 300
+    assert res.kept[must].all()
     assert np.all(res.keep_probability[must] == 1.0)
     with pytest.raises(ParameterError, match="more than target_records"):
         calibrate(em, target_records=50, always_keep=must)
@@ -296,7 +310,8 @@ def test_feature_gate_classification() -> None:
     y = np.where(x[:, 3] - 2 * x[:, 17] + 0.3 * rng.standard_normal(400) > 0, "yes", "no")
     gate = FeatureGate(40, 2).fit(x, y, task="classification", epochs=400)
     assert set(gate.selected_) == {3, 17}
-    assert gate.coef_.shape == (2, 40) and list(gate.classes_) == ["no", "yes"]
+    assert gate.coef_.shape == (2, 40)
+    assert list(gate.classes_) == ["no", "yes"]
     assert (gate.predict(x) == y).mean() > 0.9
 
 
@@ -305,19 +320,23 @@ def test_feature_selection_types_and_names() -> None:
     df = pd.DataFrame(x, columns=[f"f{j}" for j in range(30)])
     gate = FeatureGate(30, 3).fit(df, y, epochs=300)
     sel, idx = gate.select_features(df)
-    assert isinstance(sel, pd.DataFrame) and list(sel.columns) == [f"f{j}" for j in idx]
+    assert isinstance(sel, pd.DataFrame)
+    assert list(sel.columns) == [f"f{j}" for j in idx]
     _, names = gate.select_features_with_names(df)
     assert names == [f"f{j}" for j in true]
     t_sel, t_idx = gate.select_features(torch.as_tensor(x))
-    assert t_sel.shape == (200, 3) and isinstance(t_idx, torch.Tensor)
+    assert t_sel.shape == (200, 3)
+    assert isinstance(t_idx, torch.Tensor)
     imp = gate.get_feature_importance()
-    assert imp.shape == (30,) and float(imp[true].min()) > float(np.delete(imp.numpy(), true).max())
+    assert imp.shape == (30,)
+    assert float(imp[true].min()) > float(np.delete(imp.numpy(), true).max())
 
 
 def test_untrained_feature_gate_and_errors() -> None:
     gate = FeatureGate(n_features=100, max_features=5)
     sel, idx = gate.select_features(np.zeros((3, 100)))
-    assert sel.shape == (3, 5) and len(set(idx.tolist())) == 5
+    assert sel.shape == (3, 5)
+    assert len(set(idx.tolist())) == 5
     with pytest.raises(ParameterError, match="at most n_features"):
         FeatureGate(5, 6)
     with pytest.raises(ParameterError, match="call fit"):
