@@ -26,7 +26,7 @@ import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
 from l0calib.io import atomic_path, read_table, table_format, write_frame
-from l0calib.report import apply_weights, keep_linked_rows, write_report
+from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
@@ -237,8 +237,8 @@ def reweight(
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                 seed=seed, device=device, callback=callback, log_path=log,
             )  # fmt: skip
-        job.write(households, person_frame, em, result, id_column, weight_column,
-                  person_household_column)  # fmt: skip
+        kept = apply_weights(households, result, weight_column=weight_column)
+        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column)
     job.finish(result, quiet)
 
 
@@ -258,14 +258,15 @@ class _Job:
     @classmethod
     def plan(
         cls, microdata: Path, targets: Path, persons: Path | None, output: Path | None,
-        report_dir: Path | None, log: Path | None, force: bool,
+        report_dir: Path | None, log: Path | None, force: bool, *, check_report: bool = True,
+        suffix: str = "reweighted",
     ) -> _Job:  # fmt: skip
         out, report = _output_paths(microdata, output, report_dir)
         persons_out = None
         if persons is not None:
-            persons_out = out.with_name(f"{persons.stem}_reweighted{out.suffix}")
+            persons_out = out.with_name(f"{persons.stem}_{suffix}{out.suffix}")
         if not force:
-            for p in (out, report, persons_out, log):
+            for p in (out, report if check_report else None, persons_out, log):
                 if p is not None and p.exists():
                     _say(f"Error: {p} already exists (use --force to overwrite)")
                     raise typer.Exit(code=1)
@@ -276,10 +277,10 @@ class _Job:
         )  # fmt: skip
 
     def write(
-        self, households, person_frame, em, result, id_column: str, weight_column: str,
+        self, kept, person_frame, n_targets: int | None, result, id_column: str,
         person_household_column: str,
     ) -> None:  # fmt: skip
-        kept = apply_weights(households, result, weight_column=weight_column)
+        """Write the kept rows, their persons and (with a result) the report directory."""
         extra = {
             "command": self.command,
             "microdata": str(self.microdata),
@@ -297,17 +298,20 @@ class _Job:
                     person_frame, person_household_column, kept[id_column].to_numpy()
                 )
                 write_frame(linked, tmp_p, like=self.persons_out)
-            write_report(
-                result, self.report, n_targets=em.n_targets, extra=extra, overwrite=self.force
-            )
+            if result is not None:
+                write_report(
+                    result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force
+                )
 
-    def finish(self, result: l0calib.CalibrationResult, quiet: bool) -> None:
+    def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         if not quiet:
-            stdout.print(_final_table(result))
+            if result is not None:
+                stdout.print(_final_table(result))
             written = [str(self.out), str(self.persons_out) if self.persons_out else None]
-            listed = ", ".join(w for w in written if w)
-            stdout.print(f"wrote {listed}, {self.report}/")
-        if not result.converged:
+            if result is not None:
+                written.append(f"{self.report}/")
+            stdout.print(f"wrote {', '.join(w for w in written if w)}")
+        if result is not None and not result.converged:
             _say(
                 "Warning: the fit finished but missed the requested tolerance (max abs rel "
                 f"error {result.info['max_abs_rel_error']:.3%}); outputs were written."
@@ -366,8 +370,8 @@ def calibrate_command(
             em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
             max_iter=max_iter,
         )  # fmt: skip
-        job.write(households, person_frame, em, result, id_column, weight_column,
-                  person_household_column)  # fmt: skip
+        kept = apply_weights(households, result, weight_column=weight_column)
+        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column)
     job.finish(result, quiet)
 
 
@@ -412,6 +416,116 @@ def check(
     if unusable:
         _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
         raise typer.Exit(code=1)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def select(
+    microdata: Path = MICRODATA,
+    records: int = typer.Option(..., "--records", help="Households to select.", show_default=False),
+    targets: Path | None = typer.Option(
+        None, "--targets", help="Targets file: the L0 part keeps these totals."
+    ),
+    l0_fraction: float | None = typer.Option(
+        None,
+        "--l0-fraction",
+        help="Share chosen by the L0 engine. Default 1 with --targets, else 0.",
+    ),
+    random_fraction: float | None = typer.Option(
+        None, "--random-fraction", help="Share drawn at random (PPS). Default: the rest."
+    ),
+    stratify: str | None = typer.Option(
+        None, "--stratify", help="Column whose values stratify the random draw."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Output table (.parquet or .csv). Default: <MICRODATA stem>_selected.parquet.",
+    ),
+    weight_column: str = WEIGHT_COLUMN,
+    id_column: str = ID_COLUMN,
+    persons: Path | None = PERSONS,
+    person_household_column: str = PERSON_LINK,
+    report_dir: Path | None = typer.Option(
+        None,
+        "--report-dir",
+        help="Report directory (with --targets). Default: <output stem>_report/.",
+    ),
+    epochs: int = typer.Option(600, "--epochs", help="Training epochs of the L0 part."),
+    holdout: str | None = typer.Option(
+        None, "--holdout", help="Comma-separated target names to report but not fit."
+    ),
+    holdout_fraction: float | None = typer.Option(
+        None, "--holdout-fraction", help="Hold out this fraction of targets, chosen by --seed."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+) -> None:
+    """Select exactly N households: part chosen by the L0 engine, part drawn at random.
+
+    With `--targets`, a HybridGate: the random part (probability proportional to weight,
+    optionally stratified) is drawn first, the engine chooses the L0 part around it, and
+    all selected weights are recalibrated (report directory as for `reweight`). Without
+    targets, a random draw only, each household carrying its design weight (stratum weight
+    total / households drawn from it). Writes the selected rows, in input order, with a
+    `selection` column (`l0` or `random`).
+    """
+    if l0_fraction is None:
+        l0_fraction = 0.0 if targets is None else 1.0 - (random_fraction or 0.0)
+    if random_fraction is None:
+        random_fraction = 1.0 - l0_fraction
+    if targets is None and l0_fraction > 0:
+        raise typer.BadParameter("the L0 part needs --targets", param_hint="--l0-fraction")
+    if output is None:
+        output = Path(f"{microdata.stem}_selected.parquet")
+    job = _Job.plan(microdata, targets or microdata, persons, output,
+                    report_dir if targets is not None else None, None, force,
+                    check_report=targets is not None, suffix="selected")  # fmt: skip
+    result = None
+    with user_errors():
+        households = read_table(microdata)
+        person_frame = read_table(persons) if persons is not None else None
+        strata = None
+        if stratify is not None:
+            if stratify not in households.columns:
+                raise l0calib.DataError(
+                    f"{microdata}: --stratify column '{stratify}' is not in the data"
+                )
+            strata = households[stratify].to_numpy()
+        hybrid = l0calib.HybridGate(
+            len(households), l0_fraction, random_fraction, records, seed=seed
+        )
+        if targets is None:
+            if weight_column not in households.columns:
+                raise l0calib.DataError(
+                    f"{microdata}: weight column '{weight_column}' is not in the data"
+                )
+            w0 = households[weight_column].to_numpy(dtype=float)
+            idx, design = l0calib.pps_sample(w0, records, seed=seed, strata=strata)
+            weights = np.zeros(len(households))
+            weights[idx] = design
+            types = np.full(idx.size, "random")
+        else:
+            em = l0calib.build_estimate_matrix(
+                households, targets, person_frame, id_column=id_column,
+                weight_column=weight_column, person_household_column=person_household_column,
+            )  # fmt: skip
+            held = _holdout(em.names, holdout, holdout_fraction, seed)
+            bar, callback = _fit_progress(quiet or hybrid.n_l0 == 0, epochs)
+            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
+                           callback=callback)  # fmt: skip
+            result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
+        if "selection" in households.columns:
+            raise l0calib.DataError(f"{microdata}: column 'selection' already exists")
+        kept = with_weights(households, weights, weight_column=weight_column)
+        kept["selection"] = types
+        job.write(kept, person_frame, None if result is None else em.n_targets, result,
+                  id_column, person_household_column)  # fmt: skip
+    job.finish(result, quiet)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -19,7 +19,7 @@ from l0calib.calibrate import CalibrationResult
 from l0calib.exceptions import DataError, ParameterError
 from l0calib.io import atomic_dir
 
-__all__ = ["apply_weights", "keep_linked_rows", "summary", "write_report"]
+__all__ = ["apply_weights", "keep_linked_rows", "summary", "with_weights", "write_report"]
 
 
 def apply_weights(
@@ -30,17 +30,30 @@ def apply_weights(
     Every original column is kept; ``weight_column`` holds the final weight and
     ``<weight_column>_initial`` the initial one.
     """
-    if len(households) != result.weights.size:
+    return with_weights(households, result.weights, weight_column=weight_column)
+
+
+def with_weights(
+    households: pd.DataFrame, weights: np.ndarray, *, weight_column: str
+) -> pd.DataFrame:
+    """The rows with a non-zero entry in ``weights`` (shape (n_rows,)), carrying it.
+
+    As :func:`apply_weights`, for weights that did not come from a calibration (a random
+    draw with its design weights, say).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(households) != weights.size:
         raise ParameterError(
-            f"the table has {len(households)} rows but the result has {result.weights.size} weights"
+            f"the table has {len(households)} rows but there are {weights.size} weights"
         )
-    out = households.loc[result.kept].copy()
+    kept = weights != 0
+    out = households.loc[kept].copy()
     initial = f"{weight_column}_initial"
     if initial in out.columns:
         raise DataError(f"column '{initial}' already exists; rename it or choose another weight")
     position = out.columns.get_loc(weight_column) + 1
     out.insert(position, initial, out[weight_column].to_numpy())
-    out[weight_column] = result.weights[result.kept]
+    out[weight_column] = weights[kept]
     return out
 
 

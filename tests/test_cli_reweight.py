@@ -228,3 +228,70 @@ def test_calibrate_command_errors(tmp_path: Path) -> None:
     assert "method 'logit' needs bounds=(L, U)" in result.stderr
     assert runner.invoke(app, [*base, "--bounds", "0.5"]).exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- select
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_select_hybrid_writes_exact_split(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    hh, people, targets = _copy_inputs(tmp_path, fmt)
+    out = tmp_path / f"sel.{fmt}"
+    result = runner.invoke(app, [
+        "select", str(hh), "--records", "300", "--targets", str(targets), "--l0-fraction",
+        "0.4", "--random-fraction", "0.6", "--persons", str(people), "--stratify", "state",
+        "--epochs", "60", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sel = _read(out)
+    assert len(sel) == 300
+    assert sel["selection"].value_counts().to_dict() == {"random": 180, "l0": 120}
+    assert (sel["household_weight"] > 0).all()
+    assert sel["household_id"].is_monotonic_increasing
+    persons_out = _read(tmp_path / f"people_selected.{fmt}")
+    assert set(persons_out["person_household_id"]) == set(sel["household_id"])
+    # The report's estimates are the totals of the written weights.
+    report = pd.read_csv(tmp_path / "sel_report" / "targets.csv")
+    em = build_estimate_matrix(_read(hh), targets, _read(people))
+    w = np.zeros(em.n_records)
+    w[np.searchsorted(_read(hh)["household_id"], sel["household_id"])] = sel["household_weight"]
+    assert np.allclose(em.estimates(w), report["estimate"], rtol=1e-9)
+
+
+def test_select_random_only_carries_design_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [
+        "select", str(SURVEY / "households.parquet"), "--records", "250", "--stratify", "state",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sel = pd.read_parquet(tmp_path / "households_selected.parquet")
+    hh = pd.read_parquet(SURVEY / "households.parquet")
+    assert len(sel) == 250
+    assert (sel["selection"] == "random").all()
+    assert not (tmp_path / "households_selected_report").exists()
+    # Each state's drawn households carry that state's total weight.
+    by_state = sel.groupby("state")["household_weight"].sum()
+    totals = hh.groupby("state")["household_weight"].sum()
+    assert np.allclose(by_state, totals[by_state.index], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--records", "10", "--l0-fraction", "0.5"], 2, "the L0 part needs --targets"),
+        (["--records", "10", "--stratify", "county"], 1, "--stratify column 'county' is not in"),
+        (["--records", "99999"], 1, "target_items must be an integer between 0 and 5,000"),
+        (["--records", "10", "--random-fraction", "1.5"], 1, "random_fraction must be between"),
+    ],
+)
+def test_select_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["select", str(SURVEY / "households.parquet"), *args])
+    assert result.exit_code == code
+    assert message in result.output
+    assert not (tmp_path / "households_selected.parquet").exists()
