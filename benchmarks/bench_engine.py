@@ -11,6 +11,7 @@ accuracy: synthetic_survey(N, seed=0), 10% of the targets held out (seed 0), kee
     after l0calib's refit
   - K records drawn with probability proportional to w0 (3 draws), then l0calib.refit
   - all N records calibrated (l0calib.calibrate without pruning): the accuracy ceiling
+  - with --hybrid F,...: l0calib.HybridGate with L0 fraction F (the rest a PPS draw)
 Each method runs in a fresh child process, so its peak RSS (VmHWM) is its own.
 
 scaling: a random sparse problem of the given size (20 non-zeros per record), l0calib's
@@ -128,6 +129,15 @@ def run_method(
         start = time.perf_counter()
         res = refit(em, idx, weights=start_w, holdout=hold)
         return _summary(em, hold, res.weights, time.perf_counter() - start)
+    if method.startswith("hybrid"):
+        from l0calib import HybridGate
+
+        frac = float(method.split(":")[1])
+        start = time.perf_counter()
+        gate = HybridGate(n, l0_fraction=frac, random_fraction=1 - frac, target_items=keep,
+                          seed=SEED + draw)  # fmt: skip
+        gate.fit(em, holdout=hold, epochs=epochs)
+        return _summary(em, hold, gate.weights_, time.perf_counter() - start, epochs)
     if method.startswith("l0python"):
         return _run_l0python(em, hold, keep, epochs, lam=float(method.split(":")[1]))
     raise SystemExit(f"unknown method {method}")
@@ -185,8 +195,11 @@ def accuracy(args: argparse.Namespace) -> None:
         rows[f"all records/{split}"] = _child("all", *common, "0", sp_)
         for d in range(3):
             rows[f"random + refit #{d}/{split}"] = _child("random", *common, str(d), sp_)
-        for k in (f"l0calib/{split}", f"all records/{split}"):
-            print(k, rows[k], flush=True)
+        for frac in args.hybrid:
+            rows[f"hybrid {frac:g} L0/{split}"] = _child(f"hybrid:{frac}", *common, "0", sp_)
+        for k in rows:
+            if k.endswith(f"/{split}"):
+                print(k, rows[k], flush=True)
     best = None
     if not args.skip_l0python:
         # Bisection on log(lambda_l0) for about K kept records (deterministic gates > 0),
@@ -287,6 +300,10 @@ def main() -> None:
     acc.add_argument("--lambda-steps", type=int, default=8)
     acc.add_argument("--skip-l0python", action="store_true")
     acc.add_argument("--splits", type=int, default=3, help="holdout splits to average")
+    acc.add_argument(
+        "--hybrid", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+        help="also run HybridGate with these L0 fractions, e.g. 0.25,0.5,0.75",
+    )  # fmt: skip
     sc = sub.add_parser("scaling")
     sc.add_argument("--records", type=int, default=1_000_000)
     sc.add_argument("--targets", type=int, default=2_000)
