@@ -20,6 +20,13 @@ from l0calib.exceptions import (
 from l0calib.gates import FeatureGate, HybridGate, L0Gate, SampleGate, pps_sample
 from l0calib.hardconcrete import HardConcrete
 from l0calib.io import read_table, write_table
+from l0calib.nn import (
+    L0Conv2d,
+    L0Linear,
+    TemperatureScheduler,
+    compute_l0l2_penalty,
+    update_temperatures,
+)
 from l0calib.targets import (
     EstimateMatrix,
     Target,
@@ -38,22 +45,27 @@ __all__ = [
     "HardConcrete",
     "HybridGate",
     "L0CalibError",
+    "L0Conv2d",
     "L0Gate",
+    "L0Linear",
     "ParameterError",
     "Progress",
     "SampleGate",
     "SyntheticSurvey",
     "Target",
     "TargetError",
+    "TemperatureScheduler",
     "__version__",
     "as_estimate_matrix",
     "build_estimate_matrix",
     "calibrate",
     "calibrate_exact",
+    "compute_l0l2_penalty",
     "pps_sample",
     "read_table",
     "read_targets",
     "refit",
     "synthetic_survey",
+    "update_temperatures",
     "write_table",
 ]

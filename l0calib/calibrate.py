@@ -342,34 +342,50 @@ class _Fit:
         device: torch.device,
         dtype: torch.dtype,
         fixed: np.ndarray | None = None,
+        u: torch.Tensor | None = None,
+        gates: HardConcrete | None = None,
+        inflate: bool = True,
+        l0_per_record: bool = True,
+        l2_kind: Literal["ratio", "square"] = "ratio",
     ) -> None:
-        em = pb.em
-        self.n = em.n_records
-        self.op = SparseOperator(em.matrix, dtype, device)
-
-        def tensor(x: np.ndarray) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype, device=device)
-
-        self.t, self.scale, self.tol_abs = tensor(em.values), tensor(pb.scale), tensor(pb.tol)
-        self.coef, self.w0 = tensor(pb.coef), tensor(pb.w0)
-        self.u = torch.zeros(self.n, dtype=dtype, device=device, requires_grad=True)
-        self.gates = (
-            HardConcrete(
+        """``u`` and ``gates`` may be supplied (and are then trained in place), as the
+        PolicyEngine drop-in does; ``inflate=False``, ``l0_per_record=False`` and
+        ``l2_kind="square"`` give that class's reference loss (see
+        :mod:`l0calib.policyengine`)."""
+        self.n = pb.em.n_records
+        self.device, self.dtype = device, dtype
+        self.set_problem(pb)
+        if u is None:
+            u = torch.zeros(self.n, dtype=dtype, device=device, requires_grad=True)
+        self.u = u
+        if gates is None and gated:
+            gates = HardConcrete(
                 self.n, temperature=temperature, init_mean=init_keep, seed=seed,
                 device=device, dtype=dtype,
-            )
-            if gated
-            else None
-        )  # fmt: skip
+            )  # fmt: skip
+        self.gates = gates
         params = [self.u] + ([self.gates.log_alpha] if self.gates is not None else [])
         self.opt = torch.optim.Adam(params, lr=lr)
         self.lambda_l0 = lambda_l0
         self.lambda_l2 = lambda_l2
+        self.inflate, self.l0_per_record, self.l2_kind = inflate, l0_per_record, l2_kind
         # Records whose gate is held open (always kept); their weights are still trained.
         self.fixed = (
             None if fixed is None or not fixed.any() else torch.as_tensor(fixed, device=device)
         )
         self.n_fixed = 0 if self.fixed is None else int(fixed.sum())  # type: ignore[union-attr]
+
+    def set_problem(self, pb: _Problem) -> None:
+        """(Re)load the matrix and the loss constants; parameters and optimizer are kept."""
+        if pb.em.n_records != self.n:
+            raise ParameterError(f"the matrix has {pb.em.n_records:,} records, expected {self.n:,}")
+
+        def tensor(x: np.ndarray) -> torch.Tensor:
+            return torch.tensor(x, dtype=self.dtype, device=self.device)
+
+        self.op = SparseOperator(pb.em.matrix, self.dtype, self.device)
+        self.t, self.scale, self.tol_abs = tensor(pb.em.values), tensor(pb.scale), tensor(pb.tol)
+        self.coef, self.w0 = tensor(pb.coef), tensor(pb.w0)
 
     def _open_fixed(self, z: torch.Tensor) -> torch.Tensor:
         return z if self.fixed is None else torch.where(self.fixed, torch.ones_like(z), z)
@@ -386,18 +402,21 @@ class _Fit:
         ratio = torch.exp(self.u)
         if self.gates is not None:
             z = self._open_fixed(self.gates.rsample())
-            w = (self.w0 * inflation) * ratio * z
+            w = (self.w0 * (inflation if self.inflate else 1.0)) * ratio * z
             p = self._open_fixed(self.gates.get_active_prob().to(ratio.dtype))
         else:
             w = self.w0 * ratio
             p = torch.ones_like(ratio)
         est = self.op @ w
         fit, e = self.fit_loss(est)
-        l2 = (p * (ratio - 1.0) ** 2).sum() / self.n
+        if self.l2_kind == "ratio":
+            l2 = (p * (ratio - 1.0) ** 2).sum() / self.n
+        else:  # the reference package's: squared weights without gates
+            l2 = ((self.w0 * ratio) ** 2).sum()
         expected = p.sum()
-        total = fit + self.lambda_l2 * l2
+        total = fit + self.lambda_l2 * l2 if self.lambda_l2 > 0 else fit
         if self.gates is not None and self.lambda_l0 > 0:
-            total = total + self.lambda_l0 * expected / self.n
+            total = total + self.lambda_l0 * expected / (self.n if self.l0_per_record else 1)
         total.backward()
         self.opt.step()
         return float(total.detach()), float(fit.detach()), e.detach(), float(expected.detach())
@@ -420,7 +439,7 @@ class _Fit:
         base = (self.w0 * torch.exp(self.u)).double().cpu().numpy()
         if self.gates is None:
             return base, base
-        base = base * inflation
+        base = base * (inflation if self.inflate else 1.0)
         z = _np(self._open_fixed(self.gates.test_gates()))
         return base * z, base
 
@@ -570,6 +589,121 @@ def _result(
         info=info,
         keep_probability=keep_probability,
     )
+
+
+@dataclass
+class _Loop:
+    """What a training run leaves: epochs run, history rows, survivors, total gate shift."""
+
+    epoch: int
+    history: list[tuple]
+    survivors: float
+    shift: float
+
+
+def _train(
+    fit: _Fit,
+    pb: _Problem,
+    *,
+    epochs: int,
+    k_goal: int | None,
+    patience: int,
+    callback: Callable[[Progress], bool | None] | None,
+    log: _CsvLog,
+    log_every: int,
+    epoch0: int = 0,
+) -> _Loop:
+    """Run up to ``epochs`` Adam steps, holding the survivor schedule toward ``k_goal``.
+
+    The schedule falls linearly over the first 60% of the epochs from the current expected
+    survivors (n on a fresh fit) to ``k_goal``; early stopping counts only once it is there.
+    ``epoch0`` numbers the epochs of a continued fit.
+    """
+    em, n = pb.em, fit.n
+    fitted_t = torch.as_tensor(pb.fitted, device=fit.device)
+    history: list[tuple] = []
+    ramp = max(1, int(0.6 * epochs))
+    start = float(fit.keep_scores().sum()) if fit.gates is not None else float(n)
+    best, since_best, epoch, shift, survivors = math.inf, 0, 0, 0.0, start
+    for step in range(1, epochs + 1):
+        epoch = epoch0 + step
+        goal = start - (start - k_goal) * min(1.0, step / ramp) if k_goal is not None else None
+        # Weights are inflated by n / expected survivors (a Horvitz-Thompson-like
+        # expansion), so survivors carry the totals without u having to learn it.
+        inflation = n / goal if goal is not None else n / max(survivors, 1.0)
+        total, fit_l, e, expected = fit.step(inflation)
+        survivors = expected
+        if goal is not None:
+            shift += fit.project(goal)
+            expected = goal
+        abs_e = e.abs()[fitted_t]
+        mean_e, max_e = float(abs_e.mean()), float(abs_e.max())
+        lam = fit.lambda_l0 if k_goal is None else float("nan")
+        history.append((epoch, total, fit_l, mean_e, max_e, expected, goal, lam, shift))
+        if log.path is not None and (epoch % log_every == 0 or epoch == 1):
+            log.write(epoch, total, em.names, em.values, em.values + _np(e * fit.scale))
+        if callback is not None:
+            progress = Progress(
+                "train", epoch, epoch0 + epochs, total, mean_e, max_e, expected, goal, lam
+            )
+            if callback(progress) is False:
+                break
+        if goal is not None and goal > k_goal:  # type: ignore[operator]
+            continue
+        if total < best * (1 - 1e-3):
+            best, since_best = total, 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if k_goal is not None:
+        survivors = float(k_goal)
+    return _Loop(epoch=epoch, history=history, survivors=survivors, shift=shift)
+
+
+def _select_and_refit(
+    fit: _Fit,
+    pb: _Problem,
+    k_goal: int | None,
+    survivors: float,
+    *,
+    fixed: np.ndarray | None,
+    refit: bool,
+    refit_l2: float | None,
+    refit_anchor: str,
+    refit_max_iter: int,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
+    """Keep exactly ``k_goal`` records (or the open gates) and refit their weights.
+
+    Returns (final weights, trained weights of the kept records, refit info, keep scores).
+    """
+    n = fit.n
+    gated_w, base = fit.trained_weights(n / max(survivors, 1.0))
+    # Highest keep-probability first (always_keep records first of all); ties go to the
+    # lower record index (stable sort).
+    scores = fit.keep_scores()
+    rank = -np.where(fixed, np.inf, scores) if fixed is not None else -scores
+    order = np.argsort(rank, kind="stable")
+    if k_goal is not None:
+        kept = np.zeros(n, dtype=bool)
+        kept[order[:k_goal]] = True
+    else:
+        kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
+    before = np.where(kept, gated_w, 0.0)
+    weights_out, info = before, {"refit_converged": True}
+    if refit and kept.any():
+        if refit_l2 is None:
+            refit_l2 = 1e-6 if kept.all() else 1e-3
+        if refit_anchor == "initial":
+            # The kept records' initial weights, inflated to carry the dropped ones (a
+            # Horvitz-Thompson expansion): measured to keep untargeted totals closer than
+            # anchoring on the trained weights (docs/benchmarks.md).
+            base = pb.w0 * (n / int(kept.sum()))
+        weights_out, info = _refit_subset(
+            pb, kept, base, refit_l2, refit_max_iter,
+            exact=k_goal is not None, order=order, fixed=fixed,
+        )  # fmt: skip
+    return weights_out, before, info, scores
 
 
 def calibrate(
@@ -727,73 +861,17 @@ def calibrate(
         temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
         fixed=fixed,
     )  # fmt: skip
-    fitted_t = torch.as_tensor(pb.fitted, device=dev)
-    history: list[tuple] = []
-    # The survivor goal falls linearly from n to K over the first 60% of the epochs.
-    ramp = max(1, int(0.6 * epochs))
-    best, since_best, epoch, shift, survivors = math.inf, 0, 0, 0.0, float(n)
     with _CsvLog(log_path) as log:
-        for epoch in range(1, epochs + 1):
-            goal = n - (n - k_goal) * min(1.0, epoch / ramp) if gated and k_goal else None
-            # Weights are inflated by n / expected survivors (a Horvitz-Thompson-like
-            # expansion), so survivors carry the totals without u having to learn it.
-            inflation = n / goal if goal is not None else n / max(survivors, 1.0)
-            total, fit_l, e, expected = fit.step(inflation)
-            survivors = expected
-            if goal is not None:
-                shift += fit.project(goal)
-                expected = goal
-            abs_e = e.abs()[fitted_t]
-            mean_e, max_e = float(abs_e.mean()), float(abs_e.max())
-            lam = fit.lambda_l0 if k_goal is None else float("nan")
-            history.append((epoch, total, fit_l, mean_e, max_e, expected, goal, lam, shift))
-            if log.path is not None and (epoch % log_every == 0 or epoch == 1):
-                log.write(epoch, total, em.names, em.values, em.values + _np(e * fit.scale))
-            if callback is not None:
-                progress = Progress(
-                    "train", epoch, epochs, total, mean_e, max_e, expected, goal, lam
-                )
-                if callback(progress) is False:
-                    break
-            # Early stopping counts only once the survivor goal has reached K.
-            if goal is not None and goal > k_goal:
-                continue
-            if total < best * (1 - 1e-3):
-                best, since_best = total, 0
-            else:
-                since_best += 1
-                if since_best >= patience:
-                    break
-
-        final = k_goal if k_goal is not None else survivors
-        gated_w, base = fit.trained_weights(n / max(final, 1.0))
-        # Highest keep-probability first (always_keep records first of all); ties go to
-        # the lower record index (stable sort).
-        scores = fit.keep_scores()
-        order = np.argsort(
-            -np.where(fixed, np.inf, scores) if fixed is not None else -scores, kind="stable"
-        )
-        if k_goal is not None:
-            kept = np.zeros(n, dtype=bool)
-            kept[order[:k_goal]] = True
-        else:
-            kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
-        before = np.where(kept, gated_w, 0.0)
-        weights_out, info = before, {"refit_converged": True}
-        if refit and kept.any():
-            if refit_l2 is None:
-                refit_l2 = 1e-6 if kept.all() else 1e-3
-            if refit_anchor == "initial":
-                # The kept records' initial weights, inflated to carry the dropped ones
-                # (a Horvitz-Thompson expansion): measured to keep untargeted totals
-                # closer than anchoring on the trained weights (docs/benchmarks.md).
-                base = pb.w0 * (n / int(kept.sum()))
-            weights_out, info = _refit_subset(
-                pb, kept, base, refit_l2, refit_max_iter,
-                exact=k_goal is not None, order=order, fixed=fixed,
-            )  # fmt: skip
+        loop = _train(
+            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+            callback=callback, log=log, log_every=log_every,
+        )  # fmt: skip
+        weights_out, before, info, scores = _select_and_refit(
+            fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
+            refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
+        )  # fmt: skip
         if log.path is not None:
-            log.write(epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
+            log.write(loop.epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
 
     before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
     before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
@@ -801,7 +879,7 @@ def calibrate(
         {
             "target_records": target_records,
             "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
-            "gate_shift_final": shift,
+            "gate_shift_final": loop.shift,
             "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
             "max_abs_rel_error_before_refit": float(before_fitted.max()),
             "device": str(dev),
@@ -814,8 +892,8 @@ def calibrate(
         tol=tol,
         converged=bool(info["refit_converged"]),
         not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(history, columns=list(HISTORY_COLUMNS)),
-        n_iter=epoch,
+        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
+        n_iter=loop.epoch,
         start=start,
         seed=seed,
         method="l0",
