@@ -26,6 +26,7 @@ import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
 from l0calib.io import atomic_path, read_table, table_format, write_frame
+from l0calib.policyengine import prune_entities
 from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
 
 EXIT_CODES_HELP = (
@@ -94,6 +95,32 @@ PERSON_LINK = typer.Option(
 )
 WEIGHT_COLUMN = typer.Option("household_weight", "--weight-column", help="Initial weights.")
 ID_COLUMN = typer.Option("household_id", "--id-column", help="Unique household id column.")
+
+
+ENTITY = typer.Option(
+    None,
+    "--entity",
+    help="NAME=PATH: another entity table (e.g. tax_unit=tu.parquet); "
+    "its rows of kept households are written beside the output. Repeatable.",
+)
+ENTITY_LINK = typer.Option(
+    None,
+    "--entity-link",
+    help="NAME=COLUMN: the household id column of an --entity "
+    "(default <NAME>_household_id). Repeatable.",
+)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or not rest:
+            raise typer.BadParameter(f"expected NAME=VALUE, got {v!r}", param_hint=option)
+        if name in out:
+            raise typer.BadParameter(f"{name!r} given twice", param_hint=option)
+        out[name] = rest
+    return out
 
 
 def _load(
@@ -213,6 +240,8 @@ def reweight(
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
+    entity: list[str] | None = ENTITY,
+    entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -222,11 +251,13 @@ def reweight(
     `<weight column>_initial`), the kept households' persons with `--persons`, and a
     report directory (targets.csv, summary.json, history.csv).
     """
-    job = _Job.plan(microdata, targets, persons, output, report_dir, log, force)
+    job = _Job.plan(microdata, targets, persons, output, report_dir, log, force,
+                    entity=entity, entity_link=entity_link)  # fmt: skip
     with user_errors():
         households, person_frame, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column
         )
+        entity_frames = job.read_entities(households, id_column)
         held = _holdout(em.names, holdout, holdout_fraction, seed)
         bar, callback = _fit_progress(quiet, epochs)
         with bar if bar is not None else ExitStack(), warnings.catch_warnings():
@@ -238,7 +269,8 @@ def reweight(
                 seed=seed, device=device, callback=callback, log_path=log,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column)
+        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
+                  entity_frames)  # fmt: skip
     job.finish(result, quiet)
 
 
@@ -249,6 +281,7 @@ class _Job:
     out: Path
     report: Path
     persons_out: Path | None
+    entities: list[tuple[str, Path, Path, str]]  # name, input, output, link column
     force: bool
     start: float
     command: str
@@ -259,26 +292,57 @@ class _Job:
     def plan(
         cls, microdata: Path, targets: Path, persons: Path | None, output: Path | None,
         report_dir: Path | None, log: Path | None, force: bool, *, check_report: bool = True,
-        suffix: str = "reweighted",
+        suffix: str = "reweighted", entity: list[str] | None = None,
+        entity_link: list[str] | None = None,
     ) -> _Job:  # fmt: skip
         out, report = _output_paths(microdata, output, report_dir)
         persons_out = None
         if persons is not None:
             persons_out = out.with_name(f"{persons.stem}_{suffix}{out.suffix}")
+        entities = []
+        links = _pairs(entity_link or [], "--entity-link")
+        for name, path in _pairs(entity or [], "--entity").items():
+            p = Path(path)
+            link = links.get(name, f"{name}_household_id")
+            entities.append((name, p, out.with_name(f"{p.stem}_{suffix}{out.suffix}"), link))
+        unknown = set(links) - {e[0] for e in entities}
+        if unknown:
+            raise typer.BadParameter(f"no --entity named {sorted(unknown)[0]!r}",
+                                     param_hint="--entity-link")  # fmt: skip
         if not force:
-            for p in (out, report if check_report else None, persons_out, log):
+            for p in (out, report if check_report else None, persons_out, log,
+                      *(e[2] for e in entities)):  # fmt: skip
                 if p is not None and p.exists():
                     _say(f"Error: {p} already exists (use --force to overwrite)")
                     raise typer.Exit(code=1)
         return cls(
-            out=out, report=report, persons_out=persons_out, force=force,
+            out=out, report=report, persons_out=persons_out, entities=entities, force=force,
             start=time.perf_counter(), command=" ".join(["l0calib", *sys.argv[1:]]),
             microdata=microdata, targets=targets,
         )  # fmt: skip
 
+    def read_entities(self, households, id_column: str) -> list:
+        """Read every --entity table and check its links before any fitting."""
+        frames = []
+        for name, path, _, link in self.entities:
+            frame = read_table(path)
+            if link not in frame.columns:
+                raise l0calib.DataError(
+                    f"{path}: column '{link}' (the household id of {name}) is missing; name "
+                    f"the right one with --entity-link {name}=COLUMN"
+                )
+            try:
+                prune_entities({"household": households, name: frame},
+                               households[id_column].to_numpy(),
+                               links={"household": id_column, name: link})  # fmt: skip
+            except L0CalibError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+            frames.append(frame)
+        return frames
+
     def write(
         self, kept, person_frame, n_targets: int | None, result, id_column: str,
-        person_household_column: str,
+        person_household_column: str, entity_frames: list | None = None,
     ) -> None:  # fmt: skip
         """Write the kept rows, their persons and (with a result) the report directory."""
         extra = {
@@ -298,6 +362,10 @@ class _Job:
                     person_frame, person_household_column, kept[id_column].to_numpy()
                 )
                 write_frame(linked, tmp_p, like=self.persons_out)
+            kept_ids = kept[id_column].to_numpy()
+            for (name, _, path, link), frame in zip(self.entities, entity_frames, strict=True):
+                pruned = prune_entities({name: frame}, kept_ids, links={name: link})[name]
+                write_frame(pruned, stack.enter_context(atomic_path(path)), like=path)
             if result is not None:
                 write_report(
                     result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force
@@ -308,6 +376,7 @@ class _Job:
             if result is not None:
                 stdout.print(_final_table(result))
             written = [str(self.out), str(self.persons_out) if self.persons_out else None]
+            written += [str(e[2]) for e in self.entities]
             if result is not None:
                 written.append(f"{self.report}/")
             stdout.print(f"wrote {', '.join(w for w in written if w)}")
@@ -344,6 +413,8 @@ def calibrate_command(
         None, "--holdout", help="Comma-separated target names to report but not fit."
     ),
     max_iter: int = typer.Option(50, "--max-iter", help="Newton iterations."),
+    entity: list[str] | None = ENTITY,
+    entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -360,18 +431,21 @@ def calibrate_command(
         except ValueError:
             raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
         parsed_bounds = (lo, hi)
-    job = _Job.plan(microdata, targets, persons, output, report_dir, None, force)
+    job = _Job.plan(microdata, targets, persons, output, report_dir, None, force,
+                    entity=entity, entity_link=entity_link)  # fmt: skip
     with user_errors():
         households, person_frame, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column
         )
+        entity_frames = job.read_entities(households, id_column)
         held = _holdout(em.names, holdout, None, 0)
         result = l0calib.calibrate_exact(
             em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
             max_iter=max_iter,
         )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column)
+        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
+                  entity_frames)  # fmt: skip
     job.finish(result, quiet)
 
 
@@ -460,6 +534,8 @@ def select(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    entity: list[str] | None = ENTITY,
+    entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -482,11 +558,13 @@ def select(
         output = Path(f"{microdata.stem}_selected.parquet")
     job = _Job.plan(microdata, targets or microdata, persons, output,
                     report_dir if targets is not None else None, None, force,
-                    check_report=targets is not None, suffix="selected")  # fmt: skip
+                    check_report=targets is not None, suffix="selected",
+                    entity=entity, entity_link=entity_link)  # fmt: skip
     result = None
     with user_errors():
         households = read_table(microdata)
         person_frame = read_table(persons) if persons is not None else None
+        entity_frames = job.read_entities(households, id_column)
         strata = None
         if stratify is not None:
             if stratify not in households.columns:
@@ -524,7 +602,7 @@ def select(
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types
         job.write(kept, person_frame, None if result is None else em.n_targets, result,
-                  id_column, person_household_column)  # fmt: skip
+                  id_column, person_household_column, entity_frames)  # fmt: skip
     job.finish(result, quiet)
 
 

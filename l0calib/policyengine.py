@@ -524,7 +524,7 @@ def prune_entities(
         )  # fmt: skip
         col = links.get(entity, default)
         if col not in frame.columns:
-            raise DataError(f"{entity} table: link column '{col}' is missing (pass links=)")
+            raise DataError(f"{entity} table: link column '{col}' is missing")
         ids = frame[col]
         if known is not None and entity != "household":
             unknown = ~ids.isin(known)

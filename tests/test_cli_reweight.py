@@ -295,3 +295,62 @@ def test_select_errors(
     assert result.exit_code == code
     assert message in result.output
     assert not (tmp_path / "households_selected.parquet").exists()
+
+
+# ---------------------------------------------------------------------------- --entity
+def _entity_tables(tmp_path: Path) -> tuple[Path, Path]:
+    persons = pd.read_parquet(SURVEY / "persons.parquet")
+    hh_ids = persons["person_household_id"].drop_duplicates().to_numpy()
+    tu = pd.DataFrame({"tax_unit_id": np.arange(hh_ids.size), "tax_unit_household_id": hh_ids})
+    spm = pd.DataFrame({"spm_unit_id": np.arange(hh_ids.size), "hh": hh_ids})
+    tu.to_csv(tmp_path / "tu.csv", index=False)
+    spm.to_parquet(tmp_path / "spm.parquet")
+    return tmp_path / "tu.csv", tmp_path / "spm.parquet"
+
+
+@pytest.mark.parametrize("command", ["reweight", "select"])
+def test_entities_follow_the_kept_households(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tu, spm = _entity_tables(tmp_path)
+    args = [str(SURVEY / "households.parquet")]
+    if command == "reweight":
+        args += [str(SURVEY / "targets.csv"), "--persons", str(SURVEY / "persons.parquet"),
+                 "--target-records", "300", "--epochs", "30"]  # fmt: skip
+    else:
+        args += ["--records", "300"]
+    result = runner.invoke(app, [
+        command, *args, "--entity", f"tax_unit={tu}", "--entity", f"spm_unit={spm}",
+        "--entity-link", "spm_unit=hh", "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    suffix = "reweighted" if command == "reweight" else "selected"
+    kept = set(pd.read_parquet(f"households_{suffix}.parquet")["household_id"])
+    tu_out = pd.read_parquet(f"tu_{suffix}.parquet")
+    spm_out = pd.read_parquet(f"spm_{suffix}.parquet")
+    assert set(tu_out["tax_unit_household_id"]) == kept
+    assert set(spm_out["hh"]) == kept
+
+
+def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, spm = _entity_tables(tmp_path)
+    base = ["select", str(SURVEY / "households.parquet"), "--records", "10"]
+    result = runner.invoke(app, [*base, "--entity", f"spm_unit={spm}"])
+    assert result.exit_code == 1
+    assert "column 'spm_unit_household_id' (the household id of spm_unit) is missing" in (
+        result.output
+    )
+    assert "--entity-link spm_unit=COLUMN" in result.output
+    bad = pd.read_parquet(spm)
+    bad.loc[0, "hh"] = -5
+    bad.to_parquet(tmp_path / "bad.parquet")
+    result = runner.invoke(app, [*base, "--entity", f"spm_unit={tmp_path / 'bad.parquet'}",
+                                 "--entity-link", "spm_unit=hh"])  # fmt: skip
+    assert result.exit_code == 1
+    assert "bad.parquet: spm_unit table row 0: hh=-5 is not a household id" in result.output
+    result = runner.invoke(app, [*base, "--entity", "spm_unit"])
+    assert result.exit_code == 2
+    assert "expected NAME=VALUE" in result.output
+    assert not (tmp_path / "households_selected.parquet").exists()

@@ -183,7 +183,9 @@ def test_prune_entities_errors() -> None:
     split["tax_unit"].loc[2, "tax_unit_household_id"] = 2
     with pytest.raises(DataError, match="tax_unit_id=30 belongs to 2 households"):
         prune_entities(split, [1])
-    with pytest.raises(DataError, match="spm_unit table: link column 'spm_unit_household_id'"):
+    with pytest.raises(
+        DataError, match="spm_unit table: link column 'spm_unit_household_id' is missing"
+    ):
         prune_entities({"spm_unit": pd.DataFrame({"x": [1]})}, [1])
     out = prune_entities({"spm_unit": pd.DataFrame({"hh": [1, 2]})}, [2], links={"spm_unit": "hh"})
     assert out["spm_unit"]["hh"].tolist() == [2]
