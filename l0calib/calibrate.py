@@ -347,12 +347,19 @@ class _Fit:
         inflate: bool = True,
         l0_per_record: bool = True,
         l2_kind: Literal["ratio", "square"] = "ratio",
+        reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+        n_total: int | None = None,
+        index_offset: int = 0,
     ) -> None:
         """``u`` and ``gates`` may be supplied (and are then trained in place), as the
         PolicyEngine drop-in does; ``inflate=False``, ``l0_per_record=False`` and
         ``l2_kind="square"`` give that class's reference loss (see
-        :mod:`l0calib.policyengine`)."""
+        :mod:`l0calib.policyengine`). ``reduce``, ``n_total`` and ``index_offset`` make it
+        one shard of a larger fit (:mod:`l0calib.distributed`): the partial estimates and
+        the penalty sums are combined across processes with ``reduce(tensor, op)``."""
         self.n = pb.em.n_records
+        self.reduce = reduce
+        self.n_total = self.n if n_total is None else n_total
         self.device, self.dtype = device, dtype
         self.set_problem(pb)
         if u is None:
@@ -361,7 +368,7 @@ class _Fit:
         if gates is None and gated:
             gates = HardConcrete(
                 self.n, temperature=temperature, init_mean=init_keep, seed=seed,
-                device=device, dtype=dtype,
+                device=device, dtype=dtype, index_offset=index_offset,
             )  # fmt: skip
         self.gates = gates
         params = [self.u] + ([self.gates.log_alpha] if self.gates is not None else [])
@@ -408,24 +415,42 @@ class _Fit:
             w = self.w0 * ratio
             p = torch.ones_like(ratio)
         est = self.op @ w
+        if self.reduce is not None:
+            # The loss sees the sum over every shard; gradients flow into this shard's part.
+            est = est + (self.reduce(est.detach(), "sum") - est.detach())
         fit, e = self.fit_loss(est)
         if self.l2_kind == "ratio":
-            l2 = (p * (ratio - 1.0) ** 2).sum() / self.n
+            l2 = (p * (ratio - 1.0) ** 2).sum() / self.n_total
         else:  # the reference package's: squared weights without gates
             l2 = ((self.w0 * ratio) ** 2).sum()
         expected = p.sum()
-        total = fit + self.lambda_l2 * l2 if self.lambda_l2 > 0 else fit
+        penalty = self.lambda_l2 * l2 if self.lambda_l2 > 0 else torch.zeros_like(fit)
         if self.gates is not None and self.lambda_l0 > 0:
-            total = total + self.lambda_l0 * expected / (self.n if self.l0_per_record else 1)
-        total.backward()
+            per = self.n_total if self.l0_per_record else 1
+            penalty = penalty + self.lambda_l0 * expected / per
+        (fit + penalty).backward()
         self.opt.step()
-        return float(total.detach()), float(fit.detach()), e.detach(), float(expected.detach())
+        penalty, expected = penalty.detach(), expected.detach()
+        if self.reduce is not None:
+            penalty = self.reduce(penalty.double(), "sum")
+            expected = self.reduce(expected.double(), "sum")
+        total = float(fit.detach()) + float(penalty)
+        return total, float(fit.detach()), e.detach(), float(expected)
 
     def project(self, goal: float) -> float:
         """Hold the expected number of survivors at ``goal`` (see
         :meth:`HardConcrete.shift_to_expected`): the exact-count controller."""
         free = None if self.fixed is None else ~self.fixed
-        return self.gates.shift_to_expected(goal - self.n_fixed, free)  # type: ignore[union-attr]
+        return self.gates.shift_to_expected(  # type: ignore[union-attr]
+            goal - self.n_fixed, free, reduce=self.reduce
+        )
+
+    def expected_survivors(self) -> float:
+        """``sum P(z != 0)`` over every record (every shard)."""
+        if self.gates is None:
+            return float(self.n_total)
+        total = self.gates.get_active_prob().detach().double().sum()
+        return float(total if self.reduce is None else self.reduce(total, "sum"))
 
     @torch.no_grad()
     def keep_scores(self) -> np.ndarray:
@@ -593,12 +618,20 @@ def _result(
 
 @dataclass
 class _Loop:
-    """What a training run leaves: epochs run, history rows, survivors, total gate shift."""
+    """Training-loop state: enough to report a finished run or to resume an unfinished one.
 
-    epoch: int
-    history: list[tuple]
-    survivors: float
-    shift: float
+    ``start`` is the expected number of survivors the schedule started from; ``done`` is
+    set when the loop ended early (plateau or callback), so a resumed run stops too.
+    """
+
+    epoch: int = 0
+    history: list[tuple] = field(default_factory=list)
+    survivors: float = math.nan
+    shift: float = 0.0
+    best: float = math.inf
+    since_best: int = 0
+    start: float = math.nan
+    done: bool = False
 
 
 def _train(
@@ -612,53 +645,65 @@ def _train(
     log: _CsvLog,
     log_every: int,
     epoch0: int = 0,
+    resume: _Loop | None = None,
+    checkpoint: Callable[[_Loop], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> _Loop:
     """Run up to ``epochs`` Adam steps, holding the survivor schedule toward ``k_goal``.
 
     The schedule falls linearly over the first 60% of the epochs from the current expected
     survivors (n on a fresh fit) to ``k_goal``; early stopping counts only once it is there.
-    ``epoch0`` numbers the epochs of a continued fit.
+    ``epoch0`` numbers the epochs of a continued fit. ``resume`` continues a loop saved by
+    ``checkpoint`` (called every ``checkpoint_every`` epochs with the loop state, after the
+    optimizer step of that epoch), so a resumed run equals an uninterrupted one.
     """
-    em, n = pb.em, fit.n
+    em, n = pb.em, fit.n_total
     fitted_t = torch.as_tensor(pb.fitted, device=fit.device)
-    history: list[tuple] = []
     ramp = max(1, int(0.6 * epochs))
-    start = float(fit.keep_scores().sum()) if fit.gates is not None else float(n)
-    best, since_best, epoch, shift, survivors = math.inf, 0, 0, 0.0, start
-    for step in range(1, epochs + 1):
+    st = resume if resume is not None else _Loop(epoch=epoch0, start=fit.expected_survivors())
+    if resume is None:
+        st.survivors = st.start
+    first = st.epoch - epoch0 + 1
+    for step in range(first, epochs + 1):
+        if st.done:
+            break
         epoch = epoch0 + step
-        goal = start - (start - k_goal) * min(1.0, step / ramp) if k_goal is not None else None
+        goal = (
+            st.start - (st.start - k_goal) * min(1.0, step / ramp) if k_goal is not None else None
+        )
         # Weights are inflated by n / expected survivors (a Horvitz-Thompson-like
         # expansion), so survivors carry the totals without u having to learn it.
-        inflation = n / goal if goal is not None else n / max(survivors, 1.0)
+        inflation = n / goal if goal is not None else n / max(st.survivors, 1.0)
         total, fit_l, e, expected = fit.step(inflation)
-        survivors = expected
+        st.survivors = expected
         if goal is not None:
-            shift += fit.project(goal)
+            st.shift += fit.project(goal)
             expected = goal
         abs_e = e.abs()[fitted_t]
         mean_e, max_e = float(abs_e.mean()), float(abs_e.max())
         lam = fit.lambda_l0 if k_goal is None else float("nan")
-        history.append((epoch, total, fit_l, mean_e, max_e, expected, goal, lam, shift))
+        st.history.append((epoch, total, fit_l, mean_e, max_e, expected, goal, lam, st.shift))
+        st.epoch = epoch
         if log.path is not None and (epoch % log_every == 0 or epoch == 1):
             log.write(epoch, total, em.names, em.values, em.values + _np(e * fit.scale))
+        stop = False
         if callback is not None:
             progress = Progress(
                 "train", epoch, epoch0 + epochs, total, mean_e, max_e, expected, goal, lam
             )
-            if callback(progress) is False:
-                break
-        if goal is not None and goal > k_goal:  # type: ignore[operator]
-            continue
-        if total < best * (1 - 1e-3):
-            best, since_best = total, 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
+            stop = callback(progress) is False
+        if not stop and not (goal is not None and goal > k_goal):  # type: ignore[operator]
+            if total < st.best * (1 - 1e-3):
+                st.best, st.since_best = total, 0
+            else:
+                st.since_best += 1
+                stop = st.since_best >= patience
+        st.done = stop
+        if checkpoint is not None and checkpoint_every and epoch % checkpoint_every == 0:
+            checkpoint(st)
     if k_goal is not None:
-        survivors = float(k_goal)
-    return _Loop(epoch=epoch, history=history, survivors=survivors, shift=shift)
+        st.survivors = float(k_goal)
+    return st
 
 
 def _select_and_refit(
@@ -678,7 +723,7 @@ def _select_and_refit(
     Returns (final weights, trained weights of the kept records, refit info, keep scores).
     """
     n = fit.n
-    gated_w, base = fit.trained_weights(n / max(survivors, 1.0))
+    gated_w, base = fit.trained_weights(fit.n_total / max(survivors, 1.0))
     # Highest keep-probability first (always_keep records first of all); ties go to the
     # lower record index (stable sort).
     scores = fit.keep_scores()

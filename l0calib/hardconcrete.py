@@ -30,6 +30,7 @@ See ``docs/hardconcrete.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -79,6 +80,10 @@ class HardConcrete(nn.Module):
     generator : torch.Generator, optional
         Alternative to ``seed``: a torch generator used for initialisation and draws.
         Without ``seed`` or ``generator`` the global torch RNG is used.
+    index_offset : int, default 0
+        With ``seed``: the global index of this module's first gate, so that a shard of a
+        larger gate vector (records split across processes) draws exactly the noise the
+        whole vector would. Initialisation and every draw are keyed by the global index.
     device, dtype
         Where and in which floating dtype ``log_alpha`` lives. Sampling arithmetic runs in
         at least float32 and the result is cast back, so float16 and bfloat16 gates never
@@ -114,6 +119,7 @@ class HardConcrete(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        index_offset: int = 0,
     ) -> None:
         super().__init__()
         positive_int("input_dim", input_dim)
@@ -150,6 +156,9 @@ class HardConcrete(nn.Module):
         self.test_gate = test_gate
         self.seed = seed
         self.generator = generator
+        if isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
+            raise ParameterError(f"index_offset must be an integer >= 0, got {index_offset!r}")
+        self.index_offset = index_offset
 
         shape = (input_dim,) if output_dim is None else (input_dim, output_dim)
         self.log_alpha = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -184,9 +193,13 @@ class HardConcrete(nn.Module):
 
     def _counter_normal(self) -> torch.Tensor:
         # Logistic noise scaled to unit variance: a deterministic, index-keyed jitter.
-        idx = torch.arange(self.log_alpha.numel(), device=self.log_alpha.device)
+        idx = self._global_index()
         noise = logistic_noise(self.seed, -1, idx, dtype=torch.float64)
         return (noise * (math.sqrt(3) / math.pi)).reshape(self.log_alpha.shape)
+
+    def _global_index(self) -> torch.Tensor:
+        n = self.log_alpha.numel()
+        return torch.arange(n, device=self.log_alpha.device) + self.index_offset
 
     @property
     def shape(self) -> torch.Size:
@@ -203,8 +216,7 @@ class HardConcrete(nn.Module):
 
     def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.seed is not None:
-            idx = torch.arange(self.log_alpha.numel(), device=self.log_alpha.device)
-            noise = logistic_noise(self.seed, int(self.draws), idx, dtype=dtype)
+            noise = logistic_noise(self.seed, int(self.draws), self._global_index(), dtype=dtype)
             return noise.reshape(self.shape)
         gen = self.generator
         dev = gen.device if gen is not None else self.log_alpha.device
@@ -287,7 +299,13 @@ class HardConcrete(nn.Module):
         return self.get_active_prob().sum()
 
     @torch.no_grad()
-    def shift_to_expected(self, goal: float, mask: torch.Tensor | None = None) -> float:
+    def shift_to_expected(
+        self,
+        goal: float,
+        mask: torch.Tensor | None = None,
+        *,
+        reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+    ) -> float:
         """Subtract one constant from every ``log_alpha`` so the expected count hits ``goal``.
 
         After the call ``get_active_prob()[mask].sum() == goal`` (to 1e-6 relative; ``mask``
@@ -302,27 +320,42 @@ class HardConcrete(nn.Module):
             Expected number of non-zero gates among ``mask``, in ``[0, mask.sum()]``.
         mask : torch.Tensor of bool, optional
             Same shape as the gates; the gates whose count is steered.
+        reduce : callable, optional
+            ``reduce(tensor, op)`` with ``op`` in {"sum", "max"}: combines a float64 tensor
+            across processes when this module holds one shard of the gates
+            (:mod:`l0calib.distributed`); ``goal`` then counts every shard's gates.
         """
         x = self.log_alpha.double() if mask is None else self.log_alpha[mask].double()
-        size = x.numel()
+
+        def total(t: torch.Tensor, op: str = "sum") -> float:
+            return float(t if reduce is None else reduce(t, op))
+
+        size = total(torch.tensor(float(x.numel()), dtype=torch.float64))
         goal = float(goal)
         if not 0.0 <= goal <= size:
-            raise ParameterError(f"goal must be in [0, {size}], got {goal!r}")
+            raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
         if size == 0 or self.stretch == 0:
             return 0.0
         c = self.temperature * math.log(-self.gamma / self.zeta)
-        lo, hi = float(x.min()) - c - 50.0, float(x.max()) - c + 50.0  # f(lo) > 0 > f(hi)
+        empty = x.numel() == 0
+        x_max = total(
+            torch.tensor(-math.inf if empty else float(x.max()), dtype=torch.float64), "max"
+        )
+        x_min = -total(
+            torch.tensor(-math.inf if empty else -float(x.min()), dtype=torch.float64), "max"
+        )
+        lo, hi = x_min - c - 50.0, x_max - c + 50.0  # f(lo) > 0 > f(hi)
         b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
         for _ in range(60):
             p = torch.sigmoid(x - c - b)
-            f = float(p.sum()) - goal
+            f = total(p.sum()) - goal
             if abs(f) <= 1e-6 * max(goal, 1.0):
                 break
             if f > 0:
                 lo = b
             else:
                 hi = b
-            slope = float((p * (1 - p)).sum())
+            slope = total((p * (1 - p)).sum())
             step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
             b = step if lo < step < hi else 0.5 * (lo + hi)
         self.log_alpha.sub_(b)
