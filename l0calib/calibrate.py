@@ -252,6 +252,7 @@ def _problem(
     normalize_groups: bool,
     loss: str,
     scale_floor: float,
+    allow_empty: bool = False,
 ) -> _Problem:
     em = as_estimate_matrix(matrix, targets)
     w0 = _initial_weights(em, weights)
@@ -266,7 +267,7 @@ def _problem(
     if not fitted.any():
         raise ParameterError("every target is in the holdout: nothing to fit")
     empty = [em.names[k] for k in np.flatnonzero((em.support() == 0) & fitted)]
-    if empty:
+    if empty and not allow_empty:  # a shard may hold no record of a target
         raise TargetError(
             f"{len(empty)} fitted target(s) have no record contributing (all-zero rows): "
             f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; remove them or put "

@@ -139,15 +139,19 @@ def target_report(
     holdout: np.ndarray | None = None,
     *,
     scale_floor: float = 1.0,
+    estimates: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per-target table: name, target, estimate, error, rel_error, abs_rel_error,
     within_tolerance, holdout.
+
+    ``estimates`` (shape (n_targets,)) replaces ``em.estimates(weights)`` when the totals
+    were computed elsewhere (summed over the shards of a distributed fit).
 
     ``rel_error = (estimate - target) / max(|target|, scale_floor)``; a target is within
     tolerance when ``abs_rel_error <= tolerance`` (its ``tolerance`` column, default 0) up
     to a float rounding margin of 1e-9.
     """
-    est = em.estimates(weights)
+    est = em.estimates(weights) if estimates is None else np.asarray(estimates, np.float64)
     err = est - em.values
     scale = np.maximum(np.abs(em.values), scale_floor)
     rel = err / scale

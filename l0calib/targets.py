@@ -327,6 +327,23 @@ class EstimateMatrix:
             zero_support=tuple(n for n in self.zero_support if n in set(names)),
         )
 
+    def select_records(self, start: int, stop: int) -> EstimateMatrix:
+        """The records ``start:stop`` (a contiguous block, e.g. one rank's shard) with
+        every target; ``zero_support`` is not recomputed (it describes the whole matrix)."""
+        if not 0 <= start <= stop <= self.n_records:
+            raise ParameterError(f"record block {start}:{stop} is outside 0:{self.n_records}")
+        return EstimateMatrix(
+            matrix=self.matrix[:, start:stop],
+            names=self.names,
+            values=self.values,
+            groups=self.groups,
+            importance=self.importance,
+            tolerance=self.tolerance,
+            record_ids=None if self.record_ids is None else self.record_ids[start:stop],
+            weights=self.weights[start:stop],
+            zero_support=self.zero_support,
+        )
+
     def _target_mask(self, keep: np.ndarray | Sequence[str], what: str = "mask") -> np.ndarray:
         """A boolean mask of targets from a mask or names; ``what`` names it in errors."""
         arr = np.asarray(keep)

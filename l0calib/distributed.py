@@ -1,0 +1,407 @@
+"""The calibration engine on several processes with ``torch.distributed``.
+
+Records are split across ranks in contiguous blocks (columns of the targets x records
+matrix). Each rank holds only its block, its weights, gates and optimizer state. Per step a
+rank computes its partial estimates ``A_r w_r`` (one value per target) and a single
+``all_reduce`` sums them; the loss is then known on every rank, and each rank
+back-propagates into its own records. Everything else the engine does is reduced the same
+way: the expected number of survivors and the logit shift that holds it on schedule
+(Newton on the shift, two scalars per iteration), the penalties of the reported loss, the
+exact global top-K (a bisection over all-reduced counts on the scores' float64 bit
+patterns, ties going to the lower global record index), the holdout report.
+
+The refit is a small convex problem over the kept records only: every rank receives the
+kept records' columns (K columns of the matrix, plus a reserve of the next-best records for
+swaps) and solves the same L-BFGS-B problem, so every rank holds the same answer and keeps
+its own records' weights. That is K sparse columns per rank, not the microdata.
+
+Gate noise is keyed by (seed, draw, global record index), so a sharded run draws exactly
+the noise a single process would: with the same inputs and seed, the weights agree to
+float64 rounding (reductions add in a different order) and the kept set is the same.
+
+Use it from a ``torchrun`` script (see ``docs/scaling.md``)::
+
+    import torch.distributed as dist
+    from l0calib.distributed import calibrate_shard, shard_bounds
+
+    dist.init_process_group("gloo")
+    start, stop = shard_bounds(n_records, dist.get_rank(), dist.get_world_size())
+    result = calibrate_shard(A[:, start:stop], t, weights=w0[start:stop], offset=start,
+                             n_total=n_records, target_records=20_000)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.distributed as dist
+
+from l0calib._checks import positive_int
+from l0calib.calibrate import (
+    HISTORY_COLUMNS,
+    CalibrationResult,
+    Progress,
+    _check_options,
+    _CsvLog,
+    _Fit,
+    _Loop,
+    _Problem,
+    _problem,
+    _refit_subset,
+    _resolve_device,
+    _resolve_dtype,
+    _train,
+)
+from l0calib.diagnostics import WeightDiagnostics, target_report
+from l0calib.exceptions import ConvergenceWarning, ParameterError
+from l0calib.targets import EstimateMatrix
+
+__all__ = ["calibrate_shard", "shard_bounds"]
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def shard_bounds(n_records: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous block of ``n_records`` records.
+
+    Blocks differ in size by at most one record; the first ``n_records % world_size``
+    ranks get the larger ones.
+
+    Example
+    -------
+    >>> [shard_bounds(10, r, 3) for r in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    positive_int("world_size", world_size)
+    if not 0 <= rank < world_size:
+        raise ParameterError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(n_records, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _Comm:
+    """All-reduce and all-gather over a process group (the default one if None)."""
+
+    def __init__(self, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ParameterError(
+                "calibrate_shard needs an initialised torch.distributed process group "
+                "(dist.init_process_group, e.g. under torchrun)"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        x = t.detach().clone()
+        dist.all_reduce(x, op=_OPS[op], group=self.group)
+        return x
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def _top_k(scores: np.ndarray, k: int, offset: int, comm: _Comm) -> np.ndarray:
+    """Mask of this shard's records among the global top ``k`` scores (scores in [0, 1]).
+
+    Ties at the threshold go to the lowest global record index, as a stable sort of all
+    the scores would. Only counts cross the network.
+    """
+    bits = np.asarray(scores, dtype=np.float64).view(np.int64)  # monotone for x >= 0
+
+    def count(threshold: int) -> int:
+        return int(comm.reduce(torch.tensor(int((bits >= threshold).sum())), "sum"))
+
+    lo, hi = 0, int(np.float64(1.0).view(np.int64)) + 1  # count(lo) >= k > count(hi)
+    if count(hi - 1) >= k:
+        lo = hi - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(mid) >= k:
+            lo = mid
+        else:
+            hi = mid
+    above = bits > lo
+    n_above = int(comm.reduce(torch.tensor(int(above.sum())), "sum"))
+    ties = np.flatnonzero(bits == lo)
+    tie_counts = comm.gather(int(ties.size))
+    before = sum(tie_counts[: comm.rank])
+    take = max(0, min(ties.size, k - n_above - before))
+    mask = above.copy()
+    mask[ties[:take]] = True
+    return mask
+
+
+def _stack_kept(
+    comm: _Comm, pb: _Problem, mask: np.ndarray, offset: int, scores: np.ndarray,
+    base: np.ndarray,
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Every rank's ``mask`` columns, in global record order (identical on every rank)."""
+    idx = np.flatnonzero(mask)
+    part = (pb.em.matrix[:, idx].tocsc(), idx + offset, pb.w0[idx], scores[idx], base[idx])
+    parts = comm.gather(part)
+    matrix = sp.hstack([p[0] for p in parts], format="csr")
+    return matrix, *(np.concatenate([p[i] for p in parts]) for i in range(1, 5))
+
+
+def _save(path: Path, fit: _Fit, loop: _Loop) -> None:
+    state = {
+        "u": fit.u.detach().cpu(),
+        "gates": None if fit.gates is None else {
+            k: v.detach().cpu() for k, v in fit.gates.state_dict().items()
+        },
+        "optimizer": fit.opt.state_dict(),
+        "loop": {k: getattr(loop, k) for k in
+                 ("epoch", "survivors", "shift", "best", "since_best", "start", "done")},
+        "history": torch.tensor(
+            [[math.nan if v is None else float(v) for v in row] for row in loop.history],
+            dtype=torch.float64,
+        ).reshape(-1, len(HISTORY_COLUMNS)),
+    }  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, fit: _Fit) -> _Loop:
+    state = torch.load(path, weights_only=True, map_location=fit.device)
+    with torch.no_grad():
+        fit.u.copy_(state["u"])
+    if fit.gates is not None:
+        fit.gates.load_state_dict(state["gates"])
+    fit.opt.load_state_dict(state["optimizer"])
+    loop = _Loop(**state["loop"])
+    for row in state["history"].tolist():
+        goal = None if math.isnan(row[6]) else row[6]
+        loop.history.append((int(row[0]), *row[1:6], goal, *row[7:]))
+    return loop
+
+
+def calibrate_shard(
+    matrix: Any,
+    targets: Any = None,
+    *,
+    offset: int,
+    n_total: int,
+    weights: Any = None,
+    target_records: int | None = None,
+    lambda_l0: float | None = None,
+    lambda_l2: float = 1e-3,
+    epochs: int = 600,
+    lr: float = 0.05,
+    loss: Literal["relative", "squared"] = "relative",
+    normalize_groups: bool = True,
+    holdout: Any = None,
+    tol: float | None = None,
+    temperature: float = 0.25,
+    init_keep: float = 0.99,
+    scale_floor: float = 1.0,
+    refit: bool = True,
+    refit_l2: float | None = None,
+    refit_max_iter: int = 2000,
+    patience: int = 100,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    callback: Callable[[Progress], bool | None] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    log_every: int = 10,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    group: Any = None,
+) -> CalibrationResult:
+    """:func:`l0calib.calibrate` on this rank's block of records, under a process group.
+
+    Every rank calls it with its own contiguous block; options must be the same on every
+    rank. Options are those of :func:`l0calib.calibrate` (``refit_anchor`` is "initial",
+    ``always_keep`` is not offered), plus:
+
+    Parameters
+    ----------
+    matrix : EstimateMatrix, scipy sparse matrix or array, shape (n_targets, n_block)
+        This rank's columns of the estimate matrix (every target, this block's records).
+    offset : int
+        Global index of this block's first record.
+    n_total : int
+        Records over all ranks.
+    checkpoint_dir : path, optional
+        Every ``checkpoint_every`` epochs each rank writes ``rank<r>.pt`` there (parameters,
+        optimizer, gate-noise counter, schedule and early-stopping state, history) with
+        ``torch.save``; ``resume=True`` loads it (``torch.load(weights_only=True)``) and
+        continues: the result equals an uninterrupted run's.
+    group : process group, optional
+        Default: the default group.
+
+    Returns
+    -------
+    CalibrationResult
+        ``weights``, ``kept`` and ``keep_probability`` for this block's records;
+        ``report``, ``history`` and ``info`` for the whole problem (the same on every rank);
+        ``diagnostics`` reduced over every rank (its ``ratio_quartiles`` are NaN: quartiles
+        are not computed across shards).
+    """
+    start_time = time.perf_counter()
+    comm = _Comm(group)
+    pb = _problem(matrix, targets, weights, holdout, normalize_groups=normalize_groups,
+                  loss=loss, scale_floor=scale_floor, allow_empty=True)  # fmt: skip
+    em, n = pb.em, pb.em.n_records
+    sizes = comm.gather((n, int(offset)))
+    if sum(s[0] for s in sizes) != n_total:
+        raise ParameterError(
+            f"the blocks hold {sum(s[0] for s in sizes):,} records, n_total is {n_total:,}"
+        )
+    expect = np.cumsum([0] + [s[0] for s in sizes])[:-1].tolist()
+    if [s[1] for s in sizes] != expect:
+        raise ParameterError(
+            f"block offsets must be contiguous in rank order: got {[s[1] for s in sizes]}"
+        )
+    _check_options(n_total, target_records, lambda_l0, lambda_l2, epochs, lr, temperature,
+                   init_keep, patience, log_every, tol, refit_max_iter)  # fmt: skip
+    # Zero support is judged over every block, not this one.
+    support = comm.reduce(torch.tensor(em.support(), dtype=torch.float64), "sum").numpy()
+    empty = [em.names[k] for k in np.flatnonzero((support == 0) & pb.fitted)]
+    if empty:
+        raise ParameterError(f"{len(empty)} fitted target(s) have no record contributing: "
+                             f"{', '.join(empty[:5])}")  # fmt: skip
+    dev, tdtype = _resolve_device(device), _resolve_dtype(dtype)
+    k_goal = target_records
+    gated = (k_goal is not None and k_goal < n_total) or bool(lambda_l0)
+    fit = _Fit(
+        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+        reduce=comm.reduce, n_total=n_total, index_offset=int(offset),
+    )  # fmt: skip
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir) / f"rank{comm.rank}.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume:
+        if ckpt is None or not ckpt.exists():
+            raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
+        state = _load(ckpt, fit)
+    with _CsvLog(log_path if comm.rank == 0 else None) as log:
+        loop = _train(
+            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+            callback=callback, log=log, log_every=log_every, resume=state,
+            checkpoint=(lambda st: _save(ckpt, fit, st)) if ckpt is not None else None,
+            checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        weights_out, info = _select_and_refit_shard(
+            comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
+            refit_l2=refit_l2, refit_max_iter=refit_max_iter,
+        )  # fmt: skip
+        estimates = _global_estimates(comm, em, weights_out)
+        if log.path is not None:
+            log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
+    report = target_report(em, weights_out, pb.holdout, scale_floor=scale_floor,
+                           estimates=estimates)  # fmt: skip
+    fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
+    converged = bool(info["refit_converged"])
+    if tol is not None:
+        allowed = np.maximum(tol, em.tolerance[pb.fitted]) + 1e-12
+        if (fitted_err > allowed).any():
+            converged = False
+            missed = int((fitted_err > allowed).sum())
+            message = f"{missed} fitted targets are outside the requested tolerance {tol:g}"
+            warnings.warn(message, ConvergenceWarning, stacklevel=2)
+    hold = report.loc[pb.holdout, "abs_rel_error"]
+    info.update({
+        "mean_abs_rel_error": float(fitted_err.mean()),
+        "max_abs_rel_error": float(fitted_err.max()),
+        "holdout_mean_abs_rel_error": float(hold.mean()) if len(hold) else None,
+        "holdout_max_abs_rel_error": float(hold.max()) if len(hold) else None,
+        "target_records": target_records, "gate_shift_final": loop.shift,
+        "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
+        "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
+    })  # fmt: skip
+    return CalibrationResult(
+        weights=weights_out,
+        kept=weights_out != 0,
+        report=report,
+        diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
+        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
+        converged=converged,
+        n_iter=loop.epoch,
+        seconds=time.perf_counter() - start_time,
+        seed=seed,
+        method="l0-sharded",
+        info=info,
+        keep_probability=fit.keep_scores(),
+    )
+
+
+def _global_estimates(comm: _Comm, em: EstimateMatrix, w: np.ndarray) -> np.ndarray:
+    local = torch.tensor(em.matrix @ w, dtype=torch.float64)
+    return comm.reduce(local, "sum").numpy()
+
+
+def _select_and_refit_shard(
+    comm: _Comm, fit: _Fit, pb: _Problem, k_goal: int | None, survivors: float, *,
+    offset: int, refit: bool, refit_l2: float | None, refit_max_iter: int,
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    n_total = fit.n_total
+    gated_w, _ = fit.trained_weights(n_total / max(survivors, 1.0))
+    scores = fit.keep_scores()
+    kept = gated_w > 0 if k_goal is None else _top_k(scores, k_goal, offset, comm)
+    n_kept = int(comm.reduce(torch.tensor(int(kept.sum())), "sum"))
+    before = np.where(kept, gated_w, 0.0)
+    if not (refit and n_kept):
+        return before, {"refit_converged": True}
+    if refit_l2 is None:
+        refit_l2 = 1e-6 if n_kept == n_total else 1e-3
+    # The kept records plus a reserve of the next best, for the refit's swaps.
+    reserve = 0 if k_goal is None else min(n_total - k_goal, max(100, k_goal // 20))
+    pool = kept if reserve == 0 else _top_k(scores, k_goal + reserve, offset, comm)  # type: ignore[operator]
+    base = pb.w0 * (n_total / n_kept)
+    m, gidx, w0, sc, b = _stack_kept(comm, pb, pool, offset, scores, base)
+    sub_em = EstimateMatrix(
+        matrix=m, names=pb.em.names, values=pb.em.values, groups=pb.em.groups,
+        importance=pb.em.importance, tolerance=pb.em.tolerance, weights=w0,
+    )  # fmt: skip
+    sub = _Problem(em=sub_em, w0=w0, holdout=pb.holdout, coef=pb.coef, scale=pb.scale,
+                   tol=pb.tol, scale_floor=pb.scale_floor)  # fmt: skip
+    order = np.lexsort((gidx, -sc))  # best first, ties to the lower global index
+    sub_kept = np.zeros(gidx.size, dtype=bool)
+    sub_kept[order[:n_kept]] = True
+    w_sub, info = _refit_subset(sub, sub_kept, b, refit_l2, refit_max_iter,
+                                exact=k_goal is not None, order=order)  # fmt: skip
+    info["refit_reserve"] = reserve
+    mine = (gidx >= offset) & (gidx < offset + fit.n)
+    out = np.zeros(fit.n)
+    out[gidx[mine] - offset] = w_sub[mine]
+    return out, info
+
+
+def _reduced_diagnostics(comm: _Comm, w: np.ndarray, w0: np.ndarray) -> WeightDiagnostics:
+    kept = w != 0
+    usable = kept & (w0 > 0)
+    ratio = w[usable] / w0[usable]
+    sums = comm.reduce(torch.tensor([float(kept.sum()), w.sum(), (w**2).sum(), w0.sum(),
+                                     float(w.size)], dtype=torch.float64), "sum")  # fmt: skip
+    extremes = comm.reduce(torch.tensor([ratio.max() if ratio.size else -math.inf,
+                                         -ratio.min() if ratio.size else -math.inf],
+                                        dtype=torch.float64), "max")  # fmt: skip
+    n_kept, total, sq, total0, n = sums.tolist()
+    ess = total**2 / sq if sq > 0 else 0.0
+    nan = float("nan")
+    return WeightDiagnostics(
+        n_records=int(n), n_kept=int(n_kept), effective_sample_size=ess,
+        design_effect=n_kept * sq / total**2 if total > 0 else nan,
+        ratio_min=-float(extremes[1]), ratio_max=float(extremes[0]),
+        ratio_quartiles=(nan, nan, nan), total_weight=total, initial_total_weight=total0,
+    )  # fmt: skip
