@@ -6,6 +6,8 @@ missed the requested tolerance.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 import warnings
@@ -242,6 +244,17 @@ def reweight(
     log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
     entity: list[str] | None = ENTITY,
     entity_link: list[str] | None = ENTITY_LINK,
+    nproc: int = typer.Option(
+        1, "--nproc", help="Worker processes: records split across them (torch.distributed)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Directory for per-process checkpoints (resumable run)."
+    ),
+    checkpoint_every: int = typer.Option(
+        100, "--checkpoint-every", help="Epochs between checkpoints."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
+    dtype: str = typer.Option("float32", "--dtype", help="Training precision: float32 or float64."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -253,6 +266,27 @@ def reweight(
     """
     job = _Job.plan(microdata, targets, persons, output, report_dir, log, force,
                     entity=entity, entity_link=entity_link)  # fmt: skip
+    if resume and checkpoint is None:
+        raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
+    if nproc < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--nproc")
+    launched = _torchrun_rank()
+    if nproc > 1 or checkpoint is not None or launched is not None:
+        if entity:
+            raise typer.BadParameter("not supported with --nproc/--checkpoint yet",
+                                     param_hint="--entity")  # fmt: skip
+        params = _ShardedRun(
+            microdata=microdata, targets=targets, persons=persons, id_column=id_column,
+            weight_column=weight_column, person_household_column=person_household_column,
+            target_records=target_records, lambda_l0=lambda_l0, lambda_l2=lambda_l2,
+            epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction,
+            tol=tol, seed=seed, device=device, dtype=dtype, log=log, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, job=job,
+        )  # fmt: skip
+        summary = _run_sharded(params, nproc, launched)
+        if summary is not None:  # rank 0 under torchrun, or the parent of local workers
+            _exit_for(summary["converged"], summary["max_abs_rel_error"])
+        return
     with user_errors():
         households, person_frame, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column
@@ -266,12 +300,148 @@ def reweight(
             result = l0calib.calibrate(
                 em, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
-                seed=seed, device=device, callback=callback, log_path=log,
+                seed=seed, device=device, callback=callback, log_path=log, dtype=dtype,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
         job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
                   entity_frames)  # fmt: skip
     job.finish(result, quiet)
+
+
+@dataclass
+class _ShardedRun:
+    """Everything a worker of a sharded `reweight` needs (picklable)."""
+
+    microdata: Path
+    targets: Path
+    persons: Path | None
+    id_column: str
+    weight_column: str
+    person_household_column: str
+    target_records: int | None
+    lambda_l0: float | None
+    lambda_l2: float
+    epochs: int
+    lr: float
+    holdout: str | None
+    holdout_fraction: float | None
+    tol: float | None
+    seed: int
+    device: str
+    dtype: str
+    log: Path | None
+    checkpoint: Path | None
+    checkpoint_every: int
+    resume: bool
+    quiet: bool
+    job: _Job
+
+
+def _torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when launched by torchrun (its environment variables), else None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return None
+
+
+def _run_sharded(params: _ShardedRun, nproc: int, launched: tuple[int, int] | None):
+    """Run the sharded fit: in this process under torchrun, else on nproc local workers.
+
+    Returns ``{"converged", "max_abs_rel_error"}`` on rank 0 under torchrun and in the
+    parent of local workers, None elsewhere. Rank 0 writes the outputs and prints the
+    summary table.
+    """
+    import torch.multiprocessing as mp
+
+    if launched is not None:
+        rank, world = launched
+        return _sharded_worker(rank, world, None, params, from_torchrun=True)
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handoff = Path(tempfile.mkdtemp(prefix="l0calib-")) / "summary.json"
+    try:
+        mp.spawn(_spawned_worker, args=(nproc, port, params, str(handoff)), nprocs=nproc)
+    except Exception as exc:  # a worker failed: its message, no traceback, no output
+        message = str(exc).strip().splitlines()
+        _say(f"Error: a worker process failed: {message[-1] if message else exc}")
+        raise typer.Exit(code=1) from None
+    return json.loads(handoff.read_text())
+
+
+def _spawned_worker(rank: int, world: int, port: int, params: _ShardedRun, handoff: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    summary = _sharded_worker(rank, world, port, params, from_torchrun=False)
+    if rank == 0:
+        Path(handoff).write_text(json.dumps(summary))
+
+
+def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun, *,
+                    from_torchrun: bool):  # fmt: skip
+    import datetime
+
+    import torch.distributed as dist
+
+    from l0calib.distributed import calibrate_shard, load_shard
+
+    backend = "nccl" if params.device == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=10))  # fmt: skip
+    try:
+        try:
+            households, person_frame, em, offset, n_total = load_shard(
+                params.microdata, params.targets, params.persons, rank=rank,
+                world_size=world, id_column=params.id_column,
+                weight_column=params.weight_column,
+                person_household_column=params.person_household_column,
+            )  # fmt: skip
+            held = _holdout(em.names, params.holdout, params.holdout_fraction, params.seed)
+            show = rank == 0 and not params.quiet
+            bar, callback = _fit_progress(not show, params.epochs)
+            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                result = calibrate_shard(
+                    em, offset=offset, n_total=n_total, target_records=params.target_records,
+                    lambda_l0=params.lambda_l0, lambda_l2=params.lambda_l2,
+                    epochs=params.epochs, lr=params.lr, holdout=held, tol=params.tol,
+                    seed=params.seed, device=params.device, dtype=params.dtype,
+                    callback=callback, log_path=params.log,
+                    checkpoint_dir=params.checkpoint, checkpoint_every=params.checkpoint_every,
+                    resume=params.resume,
+                )  # fmt: skip
+            kept = apply_weights(households, result, weight_column=params.weight_column)
+            kept_persons = None
+            if person_frame is not None:
+                kept_persons = keep_linked_rows(
+                    person_frame, params.person_household_column, kept[params.id_column]
+                )
+        except L0CalibError as exc:
+            if from_torchrun:
+                _say(f"Error (rank {rank}): {exc}")
+                raise typer.Exit(code=1) from None
+            raise RuntimeError(str(exc)) from None
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (kept, kept_persons))
+        if rank != 0:
+            return None
+        import pandas as pd
+
+        all_kept = pd.concat([p[0] for p in parts])
+        persons_out = None
+        if person_frame is not None:
+            persons_out = pd.concat([p[1] for p in parts])
+        # The whole report is on every rank; the diagnostics are reduced over the ranks.
+        params.job.write(all_kept, persons_out, em.n_targets, result, params.id_column,
+                         params.person_household_column)  # fmt: skip
+        params.job.show(result, params.quiet)
+        return {"converged": result.converged,
+                "max_abs_rel_error": result.info["max_abs_rel_error"]}  # fmt: skip
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -363,7 +533,8 @@ class _Job:
                 )
                 write_frame(linked, tmp_p, like=self.persons_out)
             kept_ids = kept[id_column].to_numpy()
-            for (name, _, path, link), frame in zip(self.entities, entity_frames, strict=True):
+            for (name, _, path, link), frame in zip(self.entities, entity_frames or [],
+                                                    strict=True):  # fmt: skip
                 pruned = prune_entities({name: frame}, kept_ids, links={name: link})[name]
                 write_frame(pruned, stack.enter_context(atomic_path(path)), like=path)
             if result is not None:
@@ -372,6 +543,12 @@ class _Job:
                 )
 
     def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
+        self.show(result, quiet)
+        if result is not None:
+            _exit_for(result.converged, result.info["max_abs_rel_error"])
+
+    def show(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
+        """The summary table and the list of files written."""
         if not quiet:
             if result is not None:
                 stdout.print(_final_table(result))
@@ -380,12 +557,16 @@ class _Job:
             if result is not None:
                 written.append(f"{self.report}/")
             stdout.print(f"wrote {', '.join(w for w in written if w)}")
-        if result is not None and not result.converged:
-            _say(
-                "Warning: the fit finished but missed the requested tolerance (max abs rel "
-                f"error {result.info['max_abs_rel_error']:.3%}); outputs were written."
-            )
-            raise typer.Exit(code=EXIT_TOLERANCE)
+
+
+def _exit_for(converged: bool, max_error: float) -> None:
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance."""
+    if not converged:
+        _say(
+            "Warning: the fit finished but missed the requested tolerance (max abs rel "
+            f"error {max_error:.3%}); outputs were written."
+        )
+        raise typer.Exit(code=EXIT_TOLERANCE)
 
 
 @app.command("calibrate", epilog=EXIT_CODES_HELP)

@@ -66,7 +66,7 @@ from l0calib.diagnostics import WeightDiagnostics, target_report
 from l0calib.exceptions import ConvergenceWarning, ParameterError
 from l0calib.targets import EstimateMatrix
 
-__all__ = ["calibrate_shard", "shard_bounds"]
+__all__ = ["calibrate_shard", "load_shard", "shard_bounds"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -88,6 +88,45 @@ def shard_bounds(n_records: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(n_records, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def load_shard(
+    microdata: str | os.PathLike[str],
+    targets: Any,
+    persons: str | os.PathLike[str] | None = None,
+    *,
+    rank: int,
+    world_size: int,
+    id_column: str = "household_id",
+    weight_column: str = "household_weight",
+    person_household_column: str = "person_household_id",
+) -> tuple[pd.DataFrame, pd.DataFrame | None, EstimateMatrix, int, int]:
+    """Read this rank's share of the microdata and build its block of the estimate matrix.
+
+    Only rows ``shard_bounds(n, rank, world_size)`` of the households file are read (the
+    overlapping row groups of a Parquet file), and only the persons of those households.
+    A target no record of this block contributes to is allowed here:
+    :func:`calibrate_shard` checks support over every block.
+
+    Returns
+    -------
+    households, persons, matrix, offset, n_total
+    """
+    from l0calib.io import count_rows, read_table
+    from l0calib.targets import build_estimate_matrix
+
+    n_total = count_rows(microdata)
+    start, stop = shard_bounds(n_total, rank, world_size)
+    households = read_table(microdata, rows=(start, stop))
+    person_frame = None
+    if persons is not None:
+        ids = households[id_column].to_numpy() if id_column in households else []
+        person_frame = read_table(persons, where=(person_household_column, ids))
+    em = build_estimate_matrix(
+        households, targets, person_frame, id_column=id_column, weight_column=weight_column,
+        person_household_column=person_household_column, allow_zero_support=True,
+    )  # fmt: skip
+    return households, person_frame, em, start, n_total
 
 
 class _Comm:
@@ -360,27 +399,37 @@ def _select_and_refit_shard(
     kept = gated_w > 0 if k_goal is None else _top_k(scores, k_goal, offset, comm)
     n_kept = int(comm.reduce(torch.tensor(int(kept.sum())), "sum"))
     before = np.where(kept, gated_w, 0.0)
+    est = _global_estimates(comm, pb.em, before)
+    rel = np.abs(est - pb.em.values) / np.maximum(np.abs(pb.em.values), pb.scale_floor)
+    prior = {"mean_abs_rel_error_before_refit": float(rel[pb.fitted].mean()),
+             "max_abs_rel_error_before_refit": float(rel[pb.fitted].max())}  # fmt: skip
     if not (refit and n_kept):
-        return before, {"refit_converged": True}
+        return before, {"refit_converged": True, **prior}
     if refit_l2 is None:
         refit_l2 = 1e-6 if n_kept == n_total else 1e-3
-    # The kept records plus a reserve of the next best, for the refit's swaps.
+    # The kept records plus a reserve of the next best, for the refit's swaps. Every rank
+    # solves the same problem; if the swaps use up the reserve, a larger one is gathered,
+    # so the outcome is the one a single process (with every record at hand) reaches.
     reserve = 0 if k_goal is None else min(n_total - k_goal, max(100, k_goal // 20))
-    pool = kept if reserve == 0 else _top_k(scores, k_goal + reserve, offset, comm)  # type: ignore[operator]
     base = pb.w0 * (n_total / n_kept)
-    m, gidx, w0, sc, b = _stack_kept(comm, pb, pool, offset, scores, base)
-    sub_em = EstimateMatrix(
-        matrix=m, names=pb.em.names, values=pb.em.values, groups=pb.em.groups,
-        importance=pb.em.importance, tolerance=pb.em.tolerance, weights=w0,
-    )  # fmt: skip
-    sub = _Problem(em=sub_em, w0=w0, holdout=pb.holdout, coef=pb.coef, scale=pb.scale,
-                   tol=pb.tol, scale_floor=pb.scale_floor)  # fmt: skip
-    order = np.lexsort((gidx, -sc))  # best first, ties to the lower global index
-    sub_kept = np.zeros(gidx.size, dtype=bool)
-    sub_kept[order[:n_kept]] = True
-    w_sub, info = _refit_subset(sub, sub_kept, b, refit_l2, refit_max_iter,
-                                exact=k_goal is not None, order=order)  # fmt: skip
-    info["refit_reserve"] = reserve
+    while True:
+        pool = kept if reserve == 0 else _top_k(scores, k_goal + reserve, offset, comm)  # type: ignore[operator]
+        m, gidx, w0, sc, b = _stack_kept(comm, pb, pool, offset, scores, base)
+        sub_em = EstimateMatrix(
+            matrix=m, names=pb.em.names, values=pb.em.values, groups=pb.em.groups,
+            importance=pb.em.importance, tolerance=pb.em.tolerance, weights=w0,
+        )  # fmt: skip
+        sub = _Problem(em=sub_em, w0=w0, holdout=pb.holdout, coef=pb.coef, scale=pb.scale,
+                       tol=pb.tol, scale_floor=pb.scale_floor)  # fmt: skip
+        order = np.lexsort((gidx, -sc))  # best first, ties to the lower global index
+        sub_kept = np.zeros(gidx.size, dtype=bool)
+        sub_kept[order[:n_kept]] = True
+        w_sub, info = _refit_subset(sub, sub_kept, b, refit_l2, refit_max_iter,
+                                    exact=k_goal is not None, order=order)  # fmt: skip
+        if reserve == 0 or info["refit_swaps"] < reserve or reserve >= n_total - k_goal:  # type: ignore[operator]
+            break
+        reserve = min(n_total - k_goal, 4 * reserve)  # type: ignore[operator]
+    info.update(prior, refit_reserve=reserve)
     mine = (gidx >= offset) & (gidx < offset + fit.n)
     out = np.zeros(fit.n)
     out[gidx[mine] - offset] = w_sub[mine]

@@ -12,12 +12,22 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from l0calib.exceptions import DataError
 
-__all__ = ["atomic_dir", "atomic_path", "read_table", "table_format", "write_frame", "write_table"]
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "count_rows",
+    "read_table",
+    "table_format",
+    "write_frame",
+    "write_table",
+]
 
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Compressed CSV: the suffix after .csv, and pandas' name for the codec.
@@ -50,6 +60,8 @@ def read_table(
     *,
     columns: list[str] | None = None,
     text_columns: bool = False,
+    rows: tuple[int, int] | None = None,
+    where: tuple[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Read a CSV or Parquet file into a DataFrame.
 
@@ -65,6 +77,13 @@ def read_table(
     text_columns : bool, default False
         Read every CSV column as text (no type inference), as the targets reader does so
         that names such as ``01`` keep their leading zero. Ignored for Parquet.
+    rows : (start, stop), optional
+        Read only rows ``start:stop`` (0-based, header excluded): one process's share of a
+        large file. Parquet reads only the row groups that overlap; CSV streams through the
+        file keeping only those rows. The index still counts from 0.
+    where : (column, values), optional
+        Keep only rows whose ``column`` is in ``values`` (e.g. the persons of some
+        households). Parquet pushes the filter into the reader; CSV filters in chunks.
 
     Returns
     -------
@@ -94,7 +113,11 @@ def read_table(
     if p.stat().st_size == 0:
         raise DataError(f"{p}: file is empty")
     try:
-        if fmt == "csv":
+        if rows is not None:
+            frame = _read_rows(p, fmt, columns, text_columns, rows)
+        elif where is not None:
+            frame = _read_where(p, fmt, columns, text_columns, where)
+        elif fmt == "csv":
             frame = _read_csv(p, columns, text_columns)
         else:
             frame = pd.read_parquet(p, columns=columns)
@@ -113,11 +136,72 @@ def read_table(
     return frame
 
 
-def _read_csv(p: Path, columns: list[str] | None, text: bool) -> pd.DataFrame:
+def count_rows(path: str | os.PathLike[str]) -> int:
+    """Number of data rows of a CSV or Parquet file (Parquet: from its metadata)."""
+    p = Path(path)
+    fmt = table_format(p)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(p).metadata.num_rows)
+        first = pd.read_csv(p, nrows=0, encoding="utf-8-sig").columns[:1].tolist()
+        chunks = pd.read_csv(p, usecols=first, chunksize=1_000_000, encoding="utf-8-sig")
+        return sum(len(c) for c in chunks)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read {fmt} file: {type(exc).__name__}: {exc}") from None
+
+
+def _read_rows(
+    p: Path, fmt: str, columns: list[str] | None, text: bool, rows: tuple[int, int]
+) -> pd.DataFrame:
+    start, stop = rows
+    if not 0 <= start <= stop:
+        raise DataError(f"{p}: invalid row range {start}:{stop}")
+    if fmt == "csv":
+        return _read_csv(p, columns, text, skiprows=range(1, start + 1), nrows=stop - start)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(p)
+    groups, first, at = [], None, 0
+    for g in range(f.num_row_groups):
+        size = f.metadata.row_group(g).num_rows
+        if at + size > start and at < stop:
+            groups.append(g)
+            first = at if first is None else first
+        at += size
+    if not groups:
+        return f.schema_arrow.empty_table().to_pandas()[columns or slice(None)]
+    table = f.read_row_groups(groups, columns=columns)
+    table = table.slice(start - first, stop - start)  # type: ignore[operator]
+    frame = table.to_pandas() if isinstance(table, pa.Table) else table
+    return frame.reset_index(drop=True)
+
+
+def _read_where(
+    p: Path, fmt: str, columns: list[str] | None, text: bool, where: tuple[str, Any]
+) -> pd.DataFrame:
+    column, values = where
+    keep = pd.Index(np.asarray(values))
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p, columns=columns, filters=[(column, "in", keep.tolist())])
+        return table.to_pandas().reset_index(drop=True)
+    parts = [chunk[chunk[column].isin(keep)] for chunk in
+             _read_csv(p, columns, text, chunksize=1_000_000)]  # fmt: skip
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> Any:
     try:
         return pd.read_csv(
-            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=str if text else None
-        )
+            p, usecols=columns, encoding="utf-8-sig", low_memory=False,
+            dtype=str if text else None, **kwargs,
+        )  # fmt: skip
     except UnicodeDecodeError as exc:
         line = _line_of_byte(p, exc.start)
         raise DataError(

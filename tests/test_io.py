@@ -6,11 +6,12 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from l0calib import DataError, read_table, write_table
-from l0calib.io import atomic_path, table_format
+from l0calib.io import atomic_path, count_rows, table_format
 
 FRAME = pd.DataFrame({"household_id": [1, 2], "state": ["CA", None], "w": [1.5, 2.0]})
 
@@ -89,3 +90,19 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
         interrupted_write()
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_read_a_share_of_rows_and_linked_rows(tmp_path: Path, fmt: str) -> None:
+    frame = pd.DataFrame({"id": range(1000), "hh": np.arange(1000) // 3, "x": np.arange(1000.0)})
+    path = tmp_path / f"t.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False, row_group_size=128)  # several row groups
+    assert count_rows(path) == 1000
+    part = read_table(path, rows=(250, 612))
+    assert part["id"].tolist() == list(range(250, 612))
+    assert read_table(path, rows=(990, 1000))["id"].tolist() == list(range(990, 1000))
+    linked = read_table(path, where=("hh", [2, 300]))
+    assert linked["id"].tolist() == [6, 7, 8, 900, 901, 902]
