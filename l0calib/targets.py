@@ -698,6 +698,7 @@ def build_estimate_matrix(
         entities["person"] = _Entity(p_frame, pos, entities["household"].source)
 
     zero: list[str] = []
+    needs_persons: list[tuple[int, str]] = []
     indptr = [0]
     indices: list[np.ndarray] = []
     data: list[np.ndarray] = []
@@ -705,9 +706,7 @@ def build_estimate_matrix(
         where = _where(tg_label, t.row, t.name)
         entity = entities.get(t.entity)
         if entity is None:
-            problems.append(
-                (t.row or 0, f"{where}: entity 'person' needs a persons table, and none was given")
-            )
+            needs_persons.append((t.row or 0, where))
             continue
         m = entity.source.n_rows
         column = "filter"
@@ -741,6 +740,13 @@ def build_estimate_matrix(
         indices.append(idx)
         data.append(contrib[idx])
         indptr.append(indptr[-1] + idx.size)
+    if needs_persons:
+        # One problem with one cause, however many targets it touches.
+        first = needs_persons[0][1]
+        more = len(needs_persons) - 1
+        also = f" (and {more} more person target{'s' if more > 1 else ''})" if more else ""
+        problems.append((needs_persons[0][0], f"{first}{also}: entity 'person' needs a "
+                         "persons table, and none was given"))  # fmt: skip
     if problems:
         # Parse problems and evaluation problems together, in file row order (stable).
         ordered = sorted(problems, key=lambda p: p[0])

@@ -370,3 +370,17 @@ def test_fixture_survey_builds() -> None:
     )
     assert em.shape == (236, 5000)
     assert em.support().min() > 0
+
+
+def test_missing_persons_table_is_one_problem(tmp_path: Path) -> None:
+    path = _targets_csv(
+        tmp_path,
+        "name,value,filter,entity\nkids,1,age < 18,person\nadults,1,age >= 18,person\n"
+        "old,1,age > 80,person\n",
+    )
+    with pytest.raises(TargetError) as info:
+        build_estimate_matrix(tiny("households.csv"), path)
+    assert info.value.problems == [
+        "targets.csv row 1 ('kids') (and 2 more person targets): entity 'person' needs a "
+        "persons table, and none was given"
+    ]
