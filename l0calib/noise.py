@@ -13,6 +13,7 @@ that holds the records.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["counter_uniform", "logistic_from_uniform", "logistic_noise"]
@@ -87,10 +88,36 @@ def counter_uniform(
     True
     """
     stream = _mix_int(_mix_int(seed) + _GOLDEN * (draw + 1))
+    if index.device.type == "cpu":
+        return _counter_uniform_numpy(stream, index).to(dtype)
+    return _counter_uniform_torch(stream, index).to(dtype)
+
+
+def _counter_uniform_torch(stream: int, index: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 of ``index * golden + stream`` in torch int64 ops (any device), mapped to
+    a float64 in (0, 1)."""
     x = index.to(torch.int64) * _signed(_GOLDEN) + _signed(stream)
     bits = _shr(_mix_tensor(x), 11)  # top 53 bits, in [0, 2**53)
-    u = (bits.to(torch.float64) + 0.5) * 2.0**-53
-    return u.to(dtype)
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+
+
+def _counter_uniform_numpy(stream: int, index: torch.Tensor) -> torch.Tensor:
+    """The same numbers, on CPU: numpy's uint64 arithmetic in place (logical shifts, no
+    masking), about twice as fast as the torch version; bit-identical to it."""
+    x = index.detach().to(torch.int64).numpy().astype(np.uint64)  # a copy we may modify
+    with np.errstate(over="ignore"):
+        x *= np.uint64(_GOLDEN)
+        x += np.uint64(stream)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(_MUL1)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(_MUL2)
+        x ^= x >> np.uint64(31)
+    x >>= np.uint64(11)  # top 53 bits, in [0, 2**53)
+    u = x.astype(np.float64)
+    u += 0.5
+    u *= 2.0**-53
+    return torch.from_numpy(u.reshape(tuple(index.shape)))
 
 
 def logistic_noise(

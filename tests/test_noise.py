@@ -44,3 +44,13 @@ def test_logistic_noise_is_finite_and_symmetric() -> None:
     assert x.dtype == torch.float32
     assert torch.isfinite(x).all()
     assert abs(float(x.mean())) < 5 * 1.8e-3
+
+
+def test_numpy_and_torch_paths_agree_bit_for_bit() -> None:
+    # CPU uses numpy's uint64 arithmetic, other devices the torch int64 version.
+    from l0calib.noise import _counter_uniform_numpy, _counter_uniform_torch, _mix_int
+
+    idx = torch.cat([torch.arange(1000), torch.tensor([2**40, 2**62, 123456789])])
+    for seed, draw in ((0, 0), (7, 3), (2**63 + 5, -1)):
+        stream = _mix_int(_mix_int(seed) + 0x9E3779B97F4A7C15 * (draw + 1))
+        assert torch.equal(_counter_uniform_numpy(stream, idx), _counter_uniform_torch(stream, idx))
