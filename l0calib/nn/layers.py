@@ -171,9 +171,12 @@ class L0Linear(L0Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ (W * z).T + b``; ``x`` of shape (..., in_features)."""
         z = self._gate().to(x.dtype)
-        if self.structured:
+        if self.structured and x.requires_grad:
             return F.linear(x * z, self.weight, self.bias)
-        return F.linear(x, self.weight * z, self.bias)
+        # Gating the weight columns gives the same product; when the input needs no
+        # gradient (a first layer), it also spares the backward pass the input-gradient
+        # matmul that the gate's gradient would otherwise need.
+        return F.linear(x, self.weight * (z[None, :] if self.structured else z), self.bias)
 
     def group_sizes(self) -> torch.Tensor:
         """``out_features`` per input gate, or 1 per weight."""
