@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import typer
 from rich.console import Console
@@ -272,9 +273,6 @@ def reweight(
         raise typer.BadParameter("must be at least 1", param_hint="--nproc")
     launched = _torchrun_rank()
     if nproc > 1 or checkpoint is not None or launched is not None:
-        if entity:
-            raise typer.BadParameter("not supported with --nproc/--checkpoint yet",
-                                     param_hint="--entity")  # fmt: skip
         params = _ShardedRun(
             microdata=microdata, targets=targets, persons=persons, id_column=id_column,
             weight_column=weight_column, person_household_column=person_household_column,
@@ -399,6 +397,7 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                 weight_column=params.weight_column,
                 person_household_column=params.person_household_column,
             )  # fmt: skip
+            entity_frames = params.job.read_entities(households, params.id_column, block=True)
             held = _holdout(em.names, params.holdout, params.holdout_fraction, params.seed)
             show = rank == 0 and not params.quiet
             bar, callback = _fit_progress(not show, params.epochs)
@@ -419,24 +418,28 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                 kept_persons = keep_linked_rows(
                     person_frame, params.person_household_column, kept[params.id_column]
                 )
+            kept_entities = [
+                keep_linked_rows(frame, link, kept[params.id_column])
+                for (_, _, _, link), frame in zip(params.job.entities, entity_frames, strict=True)
+            ]
         except L0CalibError as exc:
             if from_torchrun:
                 _say(f"Error (rank {rank}): {exc}")
                 raise typer.Exit(code=1) from None
             raise RuntimeError(str(exc)) from None
         parts: list = [None] * world
-        dist.all_gather_object(parts, (kept, kept_persons))
+        dist.all_gather_object(parts, (kept, kept_persons, kept_entities))
         if rank != 0:
             return None
-        import pandas as pd
-
         all_kept = pd.concat([p[0] for p in parts])
         persons_out = None
         if person_frame is not None:
             persons_out = pd.concat([p[1] for p in parts])
         # The whole report is on every rank; the diagnostics are reduced over the ranks.
+        entities_out = [pd.concat([p[2][j] for p in parts])
+                        for j in range(len(params.job.entities))]  # fmt: skip
         params.job.write(all_kept, persons_out, em.n_targets, result, params.id_column,
-                         params.person_household_column)  # fmt: skip
+                         params.person_household_column, entities_out)  # fmt: skip
         params.job.show(result, params.quiet)
         return {"converged": result.converged,
                 "max_abs_rel_error": result.info["max_abs_rel_error"]}  # fmt: skip
@@ -491,11 +494,21 @@ class _Job:
             microdata=microdata, targets=targets,
         )  # fmt: skip
 
-    def read_entities(self, households, id_column: str) -> list:
-        """Read every --entity table and check its links before any fitting."""
+    def read_entities(self, households, id_column: str, *, block: bool = False) -> list:
+        """Read every --entity table and check its links before any fitting.
+
+        With ``block``, only the rows of ``households`` (one process's share) are read,
+        and a row linked to a household of no block cannot be detected.
+        """
         frames = []
         for name, path, _, link in self.entities:
-            frame = read_table(path)
+            if block:
+                if link not in read_table(path, rows=(0, 0)).columns:
+                    frame = pd.DataFrame()  # reported just below
+                else:
+                    frame = read_table(path, where=(link, households[id_column].to_numpy()))
+            else:
+                frame = read_table(path)
             if link not in frame.columns:
                 raise l0calib.DataError(
                     f"{path}: column '{link}' (the household id of {name}) is missing; name "

@@ -308,12 +308,13 @@ def _entity_tables(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "tu.csv", tmp_path / "spm.parquet"
 
 
-@pytest.mark.parametrize("command", ["reweight", "select"])
+@pytest.mark.parametrize("command", ["reweight", "select", "reweight --nproc 2"])
 def test_entities_follow_the_kept_households(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
     tu, spm = _entity_tables(tmp_path)
+    command, *extra = command.split()
     args = [str(SURVEY / "households.parquet")]
     if command == "reweight":
         args += [str(SURVEY / "targets.csv"), "--persons", str(SURVEY / "persons.parquet"),
@@ -322,7 +323,7 @@ def test_entities_follow_the_kept_households(
         args += ["--records", "300"]
     result = runner.invoke(app, [
         command, *args, "--entity", f"tax_unit={tu}", "--entity", f"spm_unit={spm}",
-        "--entity-link", "spm_unit=hh", "--quiet",
+        "--entity-link", "spm_unit=hh", "--quiet", *extra,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     suffix = "reweighted" if command == "reweight" else "selected"
