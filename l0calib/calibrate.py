@@ -576,9 +576,18 @@ def _result(
     method: str,
     info: dict[str, Any],
     keep_probability: np.ndarray | None = None,
+    estimates: np.ndarray | None = None,
+    diagnostics: WeightDiagnostics | None = None,
 ) -> CalibrationResult:
-    """Report, diagnostics and the tolerance check shared by every fitting function."""
-    report = target_report(pb.em, weights, pb.holdout, scale_floor=pb.scale_floor)
+    """Report, diagnostics and the tolerance check shared by every fitting function.
+
+    A shard of a distributed fit passes the totals summed over every shard
+    (``estimates``) and diagnostics reduced over them; otherwise both come from
+    ``weights``.
+    """
+    report = target_report(
+        pb.em, weights, pb.holdout, scale_floor=pb.scale_floor, estimates=estimates
+    )
     fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
     if tol is not None:
         allowed = np.maximum(tol, pb.em.tolerance[pb.fitted]) + 1e-12
@@ -605,7 +614,7 @@ def _result(
         weights=weights,
         kept=weights != 0,
         report=report,
-        diagnostics=weight_diagnostics(weights, pb.w0),
+        diagnostics=weight_diagnostics(weights, pb.w0) if diagnostics is None else diagnostics,
         history=history,
         converged=converged,
         n_iter=n_iter,
@@ -707,6 +716,13 @@ def _train(
     return st
 
 
+def _default_refit_l2(n_kept: int, n: int) -> float:
+    """The refit's default pull: 1e-3 when records were dropped (it limits the variance a
+    smaller sample adds to untargeted totals), 1e-6 when all are kept (so a consistent
+    problem is fitted exactly)."""
+    return 1e-6 if n_kept == n else 1e-3
+
+
 def _select_and_refit(
     fit: _Fit,
     pb: _Problem,
@@ -739,7 +755,7 @@ def _select_and_refit(
     weights_out, info = before, {"refit_converged": True}
     if refit and kept.any():
         if refit_l2 is None:
-            refit_l2 = 1e-6 if kept.all() else 1e-3
+            refit_l2 = _default_refit_l2(int(kept.sum()), n)
         if refit_anchor == "initial":
             # The kept records' initial weights, inflated to carry the dropped ones (a
             # Horvitz-Thompson expansion): measured to keep untargeted totals closer than

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +52,7 @@ from l0calib.calibrate import (
     Progress,
     _check_options,
     _CsvLog,
+    _default_refit_l2,
     _Fit,
     _Loop,
     _Problem,
@@ -60,10 +60,11 @@ from l0calib.calibrate import (
     _refit_subset,
     _resolve_device,
     _resolve_dtype,
+    _result,
     _train,
 )
-from l0calib.diagnostics import WeightDiagnostics, target_report
-from l0calib.exceptions import ConvergenceWarning, ParameterError
+from l0calib.diagnostics import WeightDiagnostics
+from l0calib.exceptions import ParameterError
 from l0calib.targets import EstimateMatrix
 
 __all__ = ["calibrate_shard", "load_shard", "shard_bounds"]
@@ -347,40 +348,26 @@ def calibrate_shard(
         estimates = _global_estimates(comm, em, weights_out)
         if log.path is not None:
             log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
-    report = target_report(em, weights_out, pb.holdout, scale_floor=scale_floor,
-                           estimates=estimates)  # fmt: skip
-    fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
-    converged = bool(info["refit_converged"])
-    if tol is not None:
-        allowed = np.maximum(tol, em.tolerance[pb.fitted]) + 1e-12
-        if (fitted_err > allowed).any():
-            converged = False
-            missed = int((fitted_err > allowed).sum())
-            message = f"{missed} fitted targets are outside the requested tolerance {tol:g}"
-            warnings.warn(message, ConvergenceWarning, stacklevel=2)
-    hold = report.loc[pb.holdout, "abs_rel_error"]
     info.update({
-        "mean_abs_rel_error": float(fitted_err.mean()),
-        "max_abs_rel_error": float(fitted_err.max()),
-        "holdout_mean_abs_rel_error": float(hold.mean()) if len(hold) else None,
-        "holdout_max_abs_rel_error": float(hold.max()) if len(hold) else None,
         "target_records": target_records, "gate_shift_final": loop.shift,
         "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
         "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
     })  # fmt: skip
-    return CalibrationResult(
-        weights=weights_out,
-        kept=weights_out != 0,
-        report=report,
-        diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
+    return _result(
+        pb,
+        weights_out,
+        tol=tol,
+        converged=bool(info["refit_converged"]),
+        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
         history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-        converged=converged,
         n_iter=loop.epoch,
-        seconds=time.perf_counter() - start_time,
+        start=start_time,
         seed=seed,
         method="l0-sharded",
         info=info,
         keep_probability=fit.keep_scores(),
+        estimates=estimates,
+        diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
     )
 
 
@@ -406,7 +393,7 @@ def _select_and_refit_shard(
     if not (refit and n_kept):
         return before, {"refit_converged": True, **prior}
     if refit_l2 is None:
-        refit_l2 = 1e-6 if n_kept == n_total else 1e-3
+        refit_l2 = _default_refit_l2(n_kept, n_total)
     # The kept records plus a reserve of the next best, for the refit's swaps. Every rank
     # solves the same problem; if the swaps use up the reserve, a larger one is gathered,
     # so the outcome is the one a single process (with every record at hand) reaches.

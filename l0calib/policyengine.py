@@ -35,6 +35,7 @@ household.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from l0calib.calibrate import (
+    HISTORY_COLUMNS,
     CalibrationResult,
     Progress,
     _CsvLog,
@@ -428,13 +430,11 @@ class SparseCalibrationWeights(nn.Module):
             weights = self.get_weights(deterministic=True).detach().double().cpu().numpy()
             info, scores = {"refit_converged": True}, fit.keep_scores()
         self.result_ = _result(
-            _Problem(em=pb.em, w0=self.init_weights, holdout=pb.holdout, coef=pb.coef,
-                     scale=pb.scale, tol=pb.tol, scale_floor=1.0),
+            # Diagnostics against the initial weights (training ran with w0 = 1).
+            dataclasses.replace(pb, w0=self.init_weights),
             weights, tol=None, converged=bool(info["refit_converged"]),
             not_converged_reason="the refit did not converge",
-            history=pd.DataFrame(loop.history, columns=[
-                "epoch", "loss", "fit_loss", "mean_abs_rel_error", "max_abs_rel_error",
-                "expected_survivors", "survivor_goal", "lambda_l0", "gate_shift"]),
+            history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
             n_iter=loop.epoch, start=start, seed=int(self.noise_seed),
             method="l0-policyengine", info=info, keep_probability=scores,
         )  # fmt: skip
