@@ -181,8 +181,10 @@ class L0Linear(L0Layer):
     def group_sizes(self) -> torch.Tensor:
         """``out_features`` per input gate, or 1 per weight."""
         if self.structured:
-            return torch.full((self.in_features,), float(self.out_features))
-        return torch.ones(self.out_features, self.in_features)
+            return torch.full(
+                (self.in_features,), float(self.out_features), device=self.weight.device
+            )
+        return torch.ones(self.out_features, self.in_features, device=self.weight.device)
 
     def group_sq_norms(self) -> torch.Tensor:
         """Column norms (structured) or the squared weights."""
@@ -273,7 +275,7 @@ class L0Conv2d(L0Layer):
     def group_sizes(self) -> torch.Tensor:
         """Filter size (+1 for the bias) per output channel."""
         per = self.weight[0].numel() + (1 if self.bias is not None else 0)
-        return torch.full((self.out_channels,), float(per))
+        return torch.full((self.out_channels,), float(per), device=self.weight.device)
 
     def group_sq_norms(self) -> torch.Tensor:
         """Squared norm of each output channel's filter and bias."""

@@ -94,9 +94,7 @@ def compute_l0l2_penalty(
     nonneg("l2_lambda", l2_lambda)
     total = _zero(model)
     for _, layer in l0_layers(model):
-        p = layer.active_prob()
-        total = total + (p * (l0_lambda * layer.group_sizes().to(p) +
-                              l2_lambda / 2 * layer.group_sq_norms())).sum()  # fmt: skip
+        total = total + l0_lambda * layer.get_l0_penalty() + l2_lambda * layer.get_l2_penalty()
     return total
 
 
