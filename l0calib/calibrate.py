@@ -670,9 +670,10 @@ def _train(
     em, n = pb.em, fit.n_total
     fitted_t = torch.as_tensor(pb.fitted, device=fit.device)
     ramp = max(1, int(0.6 * epochs))
-    st = resume if resume is not None else _Loop(epoch=epoch0, start=fit.expected_survivors())
     if resume is None:
-        st.survivors = st.start
+        expected = fit.expected_survivors()
+        resume = _Loop(epoch=epoch0, start=expected, survivors=expected)
+    st = resume
     first = st.epoch - epoch0 + 1
     for step in range(first, epochs + 1):
         if st.done:

@@ -166,8 +166,6 @@ def _top_k(scores: np.ndarray, k: int, offset: int, comm: _Comm) -> np.ndarray:
         return int(comm.reduce(torch.tensor(int((bits >= threshold).sum())), "sum"))
 
     lo, hi = 0, int(np.float64(1.0).view(np.int64)) + 1  # count(lo) >= k > count(hi)
-    if count(hi - 1) >= k:
-        lo = hi - 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if count(mid) >= k:

@@ -162,7 +162,6 @@ def _read_rows(
         raise DataError(f"{p}: invalid row range {start}:{stop}")
     if fmt == "csv":
         return _read_csv(p, columns, text, skiprows=range(1, start + 1), nrows=stop - start)
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(p)
@@ -177,8 +176,7 @@ def _read_rows(
         return f.schema_arrow.empty_table().to_pandas()[columns or slice(None)]
     table = f.read_row_groups(groups, columns=columns)
     table = table.slice(start - first, stop - start)  # type: ignore[operator]
-    frame = table.to_pandas() if isinstance(table, pa.Table) else table
-    return frame.reset_index(drop=True)
+    return table.to_pandas().reset_index(drop=True)
 
 
 def _read_where(
