@@ -373,7 +373,9 @@ class _Fit:
             )  # fmt: skip
         self.gates = gates
         params = [self.u] + ([self.gates.log_alpha] if self.gates is not None else [])
-        self.opt = torch.optim.Adam(params, lr=lr)
+        # fused: one pass per parameter instead of ten elementwise ops (per-record work
+        # is half of an epoch at millions of records; docs/benchmarks.md).
+        self.opt = torch.optim.Adam(params, lr=lr, fused=True)
         self.lambda_l0 = lambda_l0
         self.lambda_l2 = lambda_l2
         self.inflate, self.l0_per_record, self.l2_kind = inflate, l0_per_record, l2_kind
