@@ -1,6 +1,7 @@
 """The calibration engine side by side with l0-python and with baselines.
 
     python benchmarks/bench_engine.py accuracy --households 100000 --keep 20000
+    python benchmarks/bench_engine.py holdout --splits 4 --seeds 3 --draws 5 --lambda-l2 1e-3,10
     python benchmarks/bench_engine.py scaling --records 1000000 --targets 2000
 
 accuracy: synthetic_survey(N, seed=0), 10% of the targets held out (seed 0), keep K:
@@ -13,6 +14,12 @@ accuracy: synthetic_survey(N, seed=0), 10% of the targets held out (seed 0), kee
   - all N records calibrated (l0calib.calibrate without pruning): the accuracy ceiling
   - with --hybrid F,...: l0calib.HybridGate with L0 fraction F (the rest a PPS draw)
 Each method runs in a fresh child process, so its peak RSS (VmHWM) is its own.
+
+holdout: the selection question alone, with enough repetitions to see past the noise.
+For each holdout split (seed 0, 1, ...): l0calib.calibrate(target_records=K, seed=s) for
+each training lambda_l2 and seed, and --draws PPS draws refitted; paired by split, the
+difference of each engine run's holdout error from the mean of the random draws on the
+same split, with its standard error. One thread per run (the figures do not depend on it).
 
 scaling: a random sparse problem of the given size (20 non-zeros per record), l0calib's
 time per epoch and peak RSS, and the bytes moved per epoch against a measured memory
@@ -245,6 +252,50 @@ def _table(rows: dict[str, dict], splits: int) -> None:
             print(f"| {name} + l0calib refit | | {f:.4g} | | {h:.4g} | | |")
 
 
+def holdout(args: argparse.Namespace) -> None:
+    import torch
+
+    from l0calib import calibrate, refit
+    from l0calib.diagnostics import target_report
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    em, hold0 = _problem(args.households)
+    w0, n, k = em.weights, em.n_records, args.keep
+
+    def errors(w, hold):
+        rep = target_report(em, w, hold)
+        return rep[~rep.holdout].abs_rel_error.mean(), rep[rep.holdout].abs_rel_error.mean()
+
+    runs: dict[str, list[tuple[int, float, float]]] = {}
+    for split in range(args.splits):
+        hold = hold0 if split == 0 else np.random.default_rng(split).random(em.n_targets) < 0.1
+        for d in range(args.draws):
+            idx = np.random.default_rng(1000 + d).choice(n, size=k, replace=False, p=w0 / w0.sum())
+            start = w0.copy()
+            start[idx] = w0.sum() / k  # Horvitz-Thompson weight of a PPS draw
+            fit, ho = errors(refit(em, idx, weights=start, holdout=hold).weights, hold)
+            runs.setdefault("random + refit", []).append((split, fit, ho))
+        for l2 in args.lambda_l2:
+            for s in range(args.seeds):
+                res = calibrate(em, target_records=k, holdout=hold, lambda_l2=l2, seed=s,
+                                refit_l2=args.refit_l2)  # fmt: skip
+                fit, ho = errors(res.weights, hold)
+                runs.setdefault(f"l0calib, lambda_l2={l2:g}", []).append((split, fit, ho))
+                print(f"split {split} lambda_l2 {l2:g} seed {s}: {fit:.5f} {ho:.4f}", flush=True)
+    random = {sp: np.mean([h for s, _, h in runs["random + refit"] if s == sp])
+              for sp in range(args.splits)}  # fmt: skip
+    print(f"\n{args.splits} splits; random: {args.draws} draws per split")
+    print("| method | runs | fitted mean abs rel error | holdout mean abs rel error "
+          "| holdout minus random, same split (+- s.e.) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name, rs in runs.items():
+        diff = np.array([h - random[s] for s, _, h in rs])
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        fit, ho = np.mean([f for _, f, _ in rs]), np.mean([h for _, _, h in rs])
+        print(f"| {name} | {len(rs)} | {fit:.5f} | {ho:.4f} | {diff.mean():+.4f} +- {se:.4f} |")
+
+
 def scaling(args: argparse.Namespace) -> None:
     import scipy.sparse as sp
 
@@ -304,12 +355,21 @@ def main() -> None:
         "--hybrid", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
         help="also run HybridGate with these L0 fractions, e.g. 0.25,0.5,0.75",
     )  # fmt: skip
+    ho = sub.add_parser("holdout")
+    ho.add_argument("--households", type=int, default=100_000)
+    ho.add_argument("--keep", type=int, default=20_000)
+    ho.add_argument("--splits", type=int, default=4)
+    ho.add_argument("--seeds", type=int, default=3)
+    ho.add_argument("--draws", type=int, default=5)
+    ho.add_argument("--lambda-l2", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[1e-3, 10.0])  # fmt: skip
+    ho.add_argument("--refit-l2", type=float, default=None)
     sc = sub.add_parser("scaling")
     sc.add_argument("--records", type=int, default=1_000_000)
     sc.add_argument("--targets", type=int, default=2_000)
     sc.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args()
-    accuracy(args) if args.what == "accuracy" else scaling(args)
+    {"accuracy": accuracy, "holdout": holdout, "scaling": scaling}[args.what](args)
 
 
 if __name__ == "__main__":
