@@ -61,26 +61,6 @@ def test_structured_linear_gates_input_units() -> None:
     assert torch.allclose(layer(x), y1)
 
 
-def test_first_layer_shortcut_gives_autograds_gradients() -> None:
-    # An input without grad takes the one-node path that reads the gate gradient off the
-    # weight gradient; an input with grad goes through plain autograd. Same draw, same
-    # gradients, closed gates included (init_sparsity 0.5 closes some of the 40).
-    layer = L0Linear(40, 7, init_sparsity=0.5, seed=3).double()
-    x = torch.rand(6, 40, dtype=torch.float64)
-    grads = []
-    for needs_grad in (False, True):
-        layer.zero_grad()
-        layer.gates.draws.zero_()
-        out = layer(x.clone().requires_grad_(needs_grad))
-        (out.sin() * torch.arange(7.0)).sum().backward()
-        grads.append([p.grad.clone() for p in (layer.weight, layer.bias, layer.gates.log_alpha)])
-    layer.gates.draws.zero_()
-    z = layer.gates.rsample()
-    assert 0 < int((z == 0).sum()) < 40
-    for fast, plain in zip(*grads, strict=True):
-        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-14)
-
-
 def test_unstructured_linear_gates_each_weight() -> None:
     layer = L0Linear(6, 4, structured=False)
     assert layer.gates.log_alpha.shape == (4, 6)

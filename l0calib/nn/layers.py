@@ -105,36 +105,6 @@ class L0Layer(nn.Module):
         return self.gates()  # a sample in training mode, the test-time gate in eval mode
 
 
-class _InputGatedLinear(torch.autograd.Function):
-    """``(x * z) @ W.T + b`` for an input that needs no gradient (a first layer).
-
-    Autograd would find the gate's gradient through the input gradient ``grad_out @ W``, a
-    matmul the dense layer never computes. The weight gradient already holds what is needed:
-    ``grad_W[o, j] = sum_b grad_out[b, o] * x[b, j] * z[j]``, so for an open gate
-    ``grad_z[j] = sum_o W[o, j] * grad_W[o, j] / z[j]``: one pass over the weights instead
-    of a matmul. A closed gate (``z[j] == 0``) gets 0, which is what the gate's clamp
-    passes back there anyway.
-    """
-
-    @staticmethod
-    def forward(ctx, x, z, weight, bias):  # type: ignore[override]
-        xz = x * z
-        ctx.save_for_backward(xz, z, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(xz, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        xz, z, weight = ctx.saved_tensors
-        grad_w = grad.T @ xz
-        grad_z = None
-        if ctx.needs_input_grad[1]:
-            open_ = z > 0
-            grad_z = torch.where(open_, (weight * grad_w).sum(0) / torch.where(open_, z, 1), 0)
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return None, grad_z, grad_w, grad_b
-
-
 class L0Linear(L0Layer):
     """A linear layer with Hard Concrete gates.
 
@@ -201,11 +171,12 @@ class L0Linear(L0Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ (W * z).T + b``; ``x`` of shape (..., in_features)."""
         z = self._gate().to(x.dtype)
-        if not self.structured:
-            return F.linear(x, self.weight * z, self.bias)
-        if x.requires_grad or not z.requires_grad or x.dim() != 2:
+        if self.structured and x.requires_grad:
             return F.linear(x * z, self.weight, self.bias)
-        return _InputGatedLinear.apply(x, z, self.weight, self.bias)
+        # Gating the weight columns gives the same product; when the input needs no
+        # gradient (a first layer), it also spares the backward pass the input-gradient
+        # matmul that the gate's gradient would otherwise need.
+        return F.linear(x, self.weight * (z[None, :] if self.structured else z), self.bias)
 
     def group_sizes(self) -> torch.Tensor:
         """``out_features`` per input gate, or 1 per weight."""
