@@ -416,17 +416,18 @@ class _Fit:
             p = self._open_fixed(self.gates.get_active_prob().to(ratio.dtype))
         else:
             w = self.w0 * ratio
-            p = torch.ones_like(ratio)
+            p = None  # every record is kept: no gate probabilities to weigh the L2 term by
         est = self.op @ w
         if self.reduce is not None:
             # The loss sees the sum over every shard; gradients flow into this shard's part.
             est = est + (self.reduce(est.detach(), "sum") - est.detach())
         fit, e = self.fit_loss(est)
         if self.l2_kind == "ratio":
-            l2 = (p * (ratio - 1.0) ** 2).sum() / self.n_total
+            sq = (ratio - 1.0) ** 2
+            l2 = (sq if p is None else p * sq).sum() / self.n_total
         else:  # the reference package's: squared weights without gates
             l2 = ((self.w0 * ratio) ** 2).sum()
-        expected = p.sum()
+        expected = ratio.new_tensor(float(self.n)) if p is None else p.sum()
         penalty = self.lambda_l2 * l2 if self.lambda_l2 > 0 else torch.zeros_like(fit)
         if self.gates is not None and self.lambda_l0 > 0:
             per = self.n_total if self.l0_per_record else 1
