@@ -312,7 +312,8 @@ class HardConcrete(nn.Module):
         defaults to every gate). This is how l0calib holds an exact expected number of
         open gates without a penalty whose strength must be tuned: the optimiser decides
         *which* gates stay open, the shift decides *how many*. Solved by safeguarded Newton
-        on the shift in float64; returns the shift subtracted.
+        on the shift (a float64 scalar; probabilities in the gates' precision, at least
+        float32, summed in float64); returns the shift subtracted.
 
         Parameters
         ----------
@@ -325,37 +326,41 @@ class HardConcrete(nn.Module):
             across processes when this module holds one shard of the gates
             (:mod:`l0calib.distributed`); ``goal`` then counts every shard's gates.
         """
-        x = self.log_alpha.double() if mask is None else self.log_alpha[mask].double()
+        # Probabilities in the gates' own precision (at least float32), sums in float64: one
+        # pass over the gates per Newton step (a million gates per rank make this matter).
+        x = self._work() if mask is None else self._work()[mask]
 
-        def total(t: torch.Tensor, op: str = "sum") -> float:
-            return float(t if reduce is None else reduce(t, op))
+        def total(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+            return t if reduce is None else reduce(t, op)
 
-        size = total(torch.tensor(float(x.numel()), dtype=torch.float64))
+        size = float(total(torch.tensor(float(x.numel()), dtype=torch.float64)))
         goal = float(goal)
         if not 0.0 <= goal <= size:
             raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
         if size == 0 or self.stretch == 0:
             return 0.0
         c = self.temperature * math.log(-self.gamma / self.zeta)
-        empty = x.numel() == 0
-        x_max = total(
-            torch.tensor(-math.inf if empty else float(x.max()), dtype=torch.float64), "max"
-        )
-        x_min = -total(
-            torch.tensor(-math.inf if empty else -float(x.min()), dtype=torch.float64), "max"
-        )
+        if x.numel():
+            x_min, x_max = (float(v) for v in torch.aminmax(x))
+        else:
+            x_min, x_max = math.inf, -math.inf
+        # One "max" reduction gives both ends of the bracket across shards.
+        ends = total(torch.tensor([x_max, -x_min], dtype=torch.float64), "max")
+        x_max, x_min = float(ends[0]), -float(ends[1])
         lo, hi = x_min - c - 50.0, x_max - c + 50.0  # f(lo) > 0 > f(hi)
         b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
         for _ in range(60):
-            p = torch.sigmoid(x - c - b)
-            f = total(p.sum()) - goal
+            p = torch.sigmoid(x - (c + b))
+            sums = torch.stack([p.sum(dtype=torch.float64), torch.dot(p, p).double()])
+            s1, s2 = (float(v) for v in total(sums))
+            f = s1 - goal
             if abs(f) <= 1e-6 * max(goal, 1.0):
                 break
             if f > 0:
                 lo = b
             else:
                 hi = b
-            slope = total((p * (1 - p)).sum())
+            slope = s1 - s2  # sum of p * (1 - p), the derivative of -f in b
             step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
             b = step if lo < step < hi else 0.5 * (lo + hi)
         self.log_alpha.sub_(b)
