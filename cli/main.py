@@ -229,7 +229,12 @@ def reweight(
     lambda_l0: float | None = typer.Option(
         None, "--lambda-l0", help="L0 strength (only without --target-records)."
     ),
-    lambda_l2: float = typer.Option(1e-3, "--lambda-l2", help="L2 pull toward initial weights."),
+    lambda_l2: float | None = typer.Option(
+        None,
+        "--lambda-l2",
+        help="Training L2 pull toward the inflated initial weights. Default: 10 (a balanced "
+        "selection) when --target-records is at least 20 x the fitted targets, else 0.001.",
+    ),
     lr: float = typer.Option(0.05, "--lr", help="Learning rate."),
     holdout: str | None = typer.Option(
         None, "--holdout", help="Comma-separated target names to report but not fit."
@@ -318,7 +323,7 @@ class _ShardedRun:
     person_household_column: str
     target_records: int | None
     lambda_l0: float | None
-    lambda_l2: float
+    lambda_l2: float | None
     epochs: int
     lr: float
     holdout: str | None

@@ -720,6 +720,29 @@ def _train(
     return st
 
 
+# Records kept per fitted target from which the default selection is "balanced".
+BALANCED_RECORDS_PER_TARGET = 20
+
+
+def _selection_mode(
+    k_goal: int | None, n: int, n_fitted: int, lambda_l2: float | None, refit_l2: float | None
+) -> tuple[str, float, float | None]:
+    """The training pull, the refit pull and the name of the selection they make.
+
+    With ``lambda_l2`` not given and ``K >= 20 x fitted targets`` (a random sample of ``K``
+    could carry the targets): a *balanced* selection, training pull 10 (weights held near
+    their inflated initial values, so the gates choose records whose design weights already
+    hit the targets) and refit pull 3e-4. With fewer records per target, a *free* one
+    (training pull 1e-3): the trained weights must move for the kept records to fit at
+    all. Measured in docs/benchmarks.md.
+    """
+    if lambda_l2 is not None:
+        return "given", lambda_l2, refit_l2
+    if k_goal is not None and k_goal < n and k_goal >= BALANCED_RECORDS_PER_TARGET * n_fitted:
+        return "balanced", 10.0, 3e-4 if refit_l2 is None else refit_l2
+    return "free", 1e-3, refit_l2
+
+
 def _default_refit_l2(n_kept: int, n: int) -> float:
     """The refit's default pull: 1e-3 when records were dropped (it limits the variance a
     smaller sample adds to untargeted totals), 1e-6 when all are kept (so a consistent
@@ -779,7 +802,7 @@ def calibrate(
     weights: Any = None,
     target_records: int | None = None,
     lambda_l0: float | None = None,
-    lambda_l2: float = 1e-3,
+    lambda_l2: float | None = None,
     epochs: int = 600,
     lr: float = 0.05,
     loss: LossName = "relative",
@@ -819,9 +842,15 @@ def calibrate(
     lambda_l0 : float, optional
         Without ``target_records``: the L0 strength, multiplying the expected *fraction* of
         records kept. ``None`` or 0 calibrates all records without gates.
-    lambda_l2 : float, default 1e-3
+    lambda_l2 : float, optional
         Training: strength of the L2 pull of each weight toward its initial weight inflated
         by n / (expected survivors), as a mean over records, in expectation over the gates.
+        Default: with ``target_records >= 20 x`` the number of fitted targets, 10 (and
+        ``refit_l2`` 3e-4): a *balanced* selection, whose weights barely move in training,
+        so the gates pick records whose inflated initial weights already hit the targets
+        (better untargeted totals than a random draw at that size); otherwise 1e-3, a
+        *free* selection. ``info["selection"]`` says which (``"given"`` when passed); see
+        ``docs/engine.md``.
     epochs : int, default 600
         Training steps (each uses every record). The refit runs after them.
     lr : float, default 0.05
@@ -854,7 +883,8 @@ def calibrate(
         Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
     refit_l2 : float, optional
         Refit: strength of the pull toward the anchor weights, ``mean((w / w_anchor -
-        1)^2)``. Default 1e-3 when records are dropped (it limits the variance a smaller
+        1)^2)``. Default 3e-4 after a balanced selection (see ``lambda_l2``), 1e-3 when
+        records are otherwise dropped (it limits the variance a smaller
         sample adds to untargeted totals; measured in ``docs/benchmarks.md``) and 1e-6 when
         every record is kept (then it only picks among equally good fits, so a consistent
         problem is fitted exactly).
@@ -912,6 +942,9 @@ def calibrate(
     )  # fmt: skip
     if refit_l2 is not None:
         nonneg("refit_l2", refit_l2)
+    selection, lambda_l2, refit_l2 = _selection_mode(
+        target_records, n, int(pb.fitted.sum()), lambda_l2, refit_l2
+    )
     if refit_anchor not in ("initial", "trained"):
         raise ParameterError(f"refit_anchor must be 'initial' or 'trained', got {refit_anchor!r}")
     fixed = None if always_keep is None else _record_mask("always_keep", always_keep, n)
@@ -944,6 +977,8 @@ def calibrate(
     info.update(
         {
             "target_records": target_records,
+            "selection": selection,
+            "lambda_l2": lambda_l2,
             "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
             "gate_shift_final": loop.shift,
             "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
@@ -1063,7 +1098,7 @@ def _check_options(
     n: int,
     target_records: int | None,
     lambda_l0: float | None,
-    lambda_l2: float,
+    lambda_l2: float | None,
     epochs: int,
     lr: float,
     temperature: float,
@@ -1086,7 +1121,8 @@ def _check_options(
                 "lambda_l0 is steered automatically when target_records is set; pass one "
                 "or the other"
             )
-    nonneg("lambda_l2", lambda_l2)
+    if lambda_l2 is not None:
+        nonneg("lambda_l2", lambda_l2)
     if lambda_l0 is not None:
         nonneg("lambda_l0", lambda_l0)
     for name, value in (

@@ -61,6 +61,7 @@ from l0calib.calibrate import (
     _resolve_device,
     _resolve_dtype,
     _result,
+    _selection_mode,
     _train,
 )
 from l0calib.diagnostics import WeightDiagnostics
@@ -237,7 +238,7 @@ def calibrate_shard(
     weights: Any = None,
     target_records: int | None = None,
     lambda_l0: float | None = None,
-    lambda_l2: float = 1e-3,
+    lambda_l2: float | None = None,
     epochs: int = 600,
     lr: float = 0.05,
     loss: Literal["relative", "squared"] = "relative",
@@ -316,6 +317,9 @@ def calibrate_shard(
         raise ParameterError(f"{len(empty)} fitted target(s) have no record contributing: "
                              f"{', '.join(empty[:5])}")  # fmt: skip
     dev, tdtype = _resolve_device(device), _resolve_dtype(dtype)
+    selection, lambda_l2, refit_l2 = _selection_mode(
+        target_records, n_total, int(pb.fitted.sum()), lambda_l2, refit_l2
+    )
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n_total) or bool(lambda_l0)
     fit = _Fit(
@@ -348,6 +352,7 @@ def calibrate_shard(
             log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
     info.update({
         "target_records": target_records, "gate_shift_final": loop.shift,
+        "selection": selection, "lambda_l2": lambda_l2,
         "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
         "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
     })  # fmt: skip

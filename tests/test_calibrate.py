@@ -293,3 +293,17 @@ def test_no_warnings_on_a_normal_run() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate(a, t, weights=w0, target_records=100, epochs=30)
+
+
+def test_default_selection_follows_records_per_target() -> None:
+    # 13 fitted targets: from 20 x 13 = 260 kept records the default selection is balanced.
+    a, t, w0 = consistent_problem()
+    runs = {k: calibrate(a, t, weights=w0, target_records=k, epochs=80, seed=0) for k in (259, 260)}
+    assert runs[259].info["selection"] == "free"
+    assert runs[259].info["lambda_l2"] == 1e-3
+    assert runs[260].info["selection"] == "balanced"
+    assert runs[260].info["lambda_l2"] == 10.0
+    given = calibrate(a, t, weights=w0, target_records=260, lambda_l2=0.5, epochs=20)
+    assert given.info["selection"] == "given"
+    assert given.info["lambda_l2"] == 0.5
+    assert calibrate(a, t, weights=w0, epochs=20).info["selection"] == "free"
