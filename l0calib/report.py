@@ -74,6 +74,8 @@ def summary(
         "n_records_in": d.n_records,
         "n_records_out": d.n_kept,
         "target_records": info.get("target_records"),
+        "selection": info.get("selection"),
+        "lambda_l2": info.get("lambda_l2"),
         "n_targets": n_targets,
         "n_holdout": int(result.report["holdout"].sum()),
         "mean_abs_rel_error": info.get("mean_abs_rel_error"),

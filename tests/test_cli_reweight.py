@@ -77,6 +77,8 @@ def test_reweight_writes_exact_count_and_consistent_totals(
         assert key in summary, key
     assert summary["n_records_out"] == 400
     assert summary["n_records_in"] == 5000
+    assert summary["selection"] == "free"  # 400 records for about 200 fitted targets
+    assert summary["lambda_l2"] == 1e-3
     assert summary["converged"] is True
     history = pd.read_csv(tmp_path / "small_report" / "history.csv")
     assert len(history) == 60
