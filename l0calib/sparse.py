@@ -7,14 +7,15 @@ CSR tensor and a small autograd function computes both directions from it:
 
 - backward, ``A.T @ g``: a CSR product reading the small targets-vector ``g`` (cache
   resident), streaming over the non-zeros;
-- forward, ``A @ w``: on CPU, the same CSR arrays read as ``(A.T).T`` by scipy, which adds
-  each record's column into the targets vector in record order: a streaming pass instead
-  of gathering ``w`` at random columns (1.85x faster on one thread at 50 million
-  non-zeros, ``docs/benchmarks.md``). The records are cut into a fixed number of blocks
-  (about a million non-zeros each) whose partial sums run on ``torch.get_num_threads()``
-  threads (scipy releases the GIL) and are added in block order, so the result does not
-  depend on the number of threads. On a GPU, torch's CSR product of ``A`` is used (``A``
-  is then built on first use).
+- forward, ``A @ w``: on CPU with at least 250,000 records, the same CSR arrays read as
+  ``(A.T).T`` by scipy, which adds each record's column into the targets vector in record
+  order: a streaming pass instead of gathering ``w`` at random columns (1.3x faster on one
+  thread at 500,000 records, 1.85x at 2.5 million, ``docs/benchmarks.md``). The records
+  are cut into a fixed number of blocks (about a million non-zeros each) whose partial
+  sums run on ``torch.get_num_threads()`` threads (scipy releases the GIL) and are added
+  in block order, so the result does not depend on the number of threads. With fewer
+  records ``w`` stays in cache and torch's CSR product of ``A`` (row-parallel) is faster
+  (3.4x at 100,000 records); on a GPU it is used too. ``A`` is built on first use.
 
 Both products are deterministic (fixed summation order). int32 indices are used whenever
 the sizes allow (about twice as fast as int64 on CPU, measured in ``docs/benchmarks.md``).
@@ -36,6 +37,8 @@ _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 # Non-zeros per block of the CPU forward product, and the most blocks.
 _BLOCK_NNZ = 2**20
 _MAX_BLOCKS = 64
+# From this many records the CPU forward streams over A.T instead of gathering w.
+_SCATTER_MIN_RECORDS = 250_000
 
 
 def _index_type(m: sp.csr_matrix) -> type:
@@ -92,7 +95,9 @@ class SparseOperator:
         # On CPU, scipy views of blocks of records over the very same arrays (no copy of the
         # non-zeros) for the streaming forward.
         self._blocks: list[tuple[int, int, sp.csr_matrix]] = []
-        if self.device.type == "cpu" and dtype in _NUMPY:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_threads = 0
+        if self.device.type == "cpu" and dtype in _NUMPY and at.shape[0] >= _SCATTER_MIN_RECORDS:
             indptr, indices, values = arrays
             n_blocks = int(min(_MAX_BLOCKS, max(1, at.nnz // _BLOCK_NNZ)))
             cuts = np.searchsorted(indptr, np.linspace(0, at.nnz, n_blocks + 1)[1:-1])
@@ -126,8 +131,10 @@ class SparseOperator:
 
         threads = min(torch.get_num_threads(), len(self._blocks))
         if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(part, self._blocks))
+            if self._pool is None or self._pool_threads != threads:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="l0calib-spmv")
+                self._pool_threads = threads
+            parts = list(self._pool.map(part, self._blocks))
         else:
             parts = [part(b) for b in self._blocks]
         out = np.array(parts[0], dtype=_NUMPY[self.dtype])

@@ -14,6 +14,7 @@ from l0calib.sparse import SparseOperator
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_products_match_scipy_and_do_not_depend_on_threads(monkeypatch, dtype) -> None:
     monkeypatch.setattr(sparse, "_BLOCK_NNZ", 97)  # many blocks on a small matrix
+    monkeypatch.setattr(sparse, "_SCATTER_MIN_RECORDS", 0)
     m = sp.random(40, 700, density=0.05, format="csr", random_state=1)
     op = SparseOperator(m, dtype, "cpu")
     assert len(op._blocks) > 5
@@ -39,3 +40,11 @@ def test_products_match_scipy_and_do_not_depend_on_threads(monkeypatch, dtype) -
     np.testing.assert_allclose(grads[0].numpy(), m.T @ g.double().numpy(), rtol=tol, atol=tol)
     # The row-parallel torch product of A (used on GPUs) agrees.
     np.testing.assert_allclose(torch.mv(op.a, w).numpy(), outs[0].numpy(), rtol=tol, atol=tol)
+
+
+def test_small_problems_use_the_row_product() -> None:
+    m = sp.random(10, 50, density=0.2, format="csr", random_state=2)
+    op = SparseOperator(m, torch.float32, "cpu")
+    assert op._blocks == []
+    w = torch.rand(50)
+    np.testing.assert_allclose((op @ w).numpy(), m @ w.double().numpy(), rtol=1e-5)
