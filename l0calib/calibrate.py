@@ -481,8 +481,10 @@ def _solve_ratios(
     *,
     lower: float,
     max_iter: int,
+    start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, scipy.optimize.OptimizeResult]:
-    """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over r >= lower.
+    """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over r >= lower,
+    from ``start`` (default all ones).
 
     Convex (a squared hinge of an affine map plus a quadratic), bounded, float64: L-BFGS-B.
     """
@@ -502,7 +504,7 @@ def _solve_ratios(
 
     res = scipy.optimize.minimize(
         fun,
-        np.ones(m),
+        np.ones(m) if start is None else np.maximum(start, lower),
         jac=True,
         method="L-BFGS-B",
         bounds=scipy.optimize.Bounds(np.full(m, lower), np.full(m, np.inf)),
@@ -537,11 +539,14 @@ def _refit_subset(
     kept = kept.copy()
     lower = _FLOOR if exact else 0.0
     total_iter, swaps = 0, 0
+    ratio = np.ones(pb.em.n_records)  # a swap round starts from the previous round's ratios
     for round_ in range(_SWAP_ROUNDS + 1):
         idx = np.flatnonzero(kept)
         r, res = _solve_ratios(
-            pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter
-        )
+            pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter,
+            start=ratio[idx],
+        )  # fmt: skip
+        ratio[idx] = r
         total_iter += int(res.nit)
         at_floor = r <= lower * (1 + 1e-9)
         if fixed is not None:
@@ -553,6 +558,7 @@ def _refit_subset(
             break
         kept[idx[at_floor][: candidates.size]] = False
         kept[candidates] = True
+        ratio[candidates] = 1.0
         swaps += int(candidates.size)
     w = np.zeros(pb.em.n_records)
     w[idx] = np.maximum(base[idx], 1e-12) * r
