@@ -28,7 +28,7 @@ from rich.table import Table
 import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
-from l0calib.io import atomic_path, read_table, table_format, write_frame
+from l0calib.io import atomic_path, count_rows, read_table, table_format, write_frame
 from l0calib.policyengine import prune_entities
 from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
 
@@ -375,6 +375,40 @@ def _run_sharded(params: _ShardedRun, nproc: int, launched: tuple[int, int] | No
     return json.loads(handoff.read_text())
 
 
+def _check_unlinked_rows(params: _ShardedRun, person_frame, entity_frames: list) -> None:
+    """Each rank reads only the persons and entity rows of its own households, so a row
+    linked to no household at all is read by no rank. Counting the rows read (summed over
+    the ranks) against the rows in each file finds them; only then are the link column and
+    the household ids read (those two columns only) to name the first such row."""
+    import torch.distributed as dist
+
+    tables = [(params.persons, params.person_household_column, "person", person_frame)]
+    tables += [(path, link, name, frame)
+               for (name, path, _, link), frame in zip(params.job.entities, entity_frames,
+                                                       strict=True)]  # fmt: skip
+    tables = [t for t in tables if t[0] is not None and t[3] is not None]
+    if not tables:
+        return
+    read = torch.tensor([float(len(t[3])) for t in tables], dtype=torch.float64)
+    dist.all_reduce(read)
+    for (path, link, name, _), n_read in zip(tables, read.tolist(), strict=True):
+        total = count_rows(path)
+        if int(n_read) == total:
+            continue
+        ids = read_table(params.microdata, columns=[params.id_column])[params.id_column]
+        links = read_table(path, columns=[link])[link]
+        unknown = np.flatnonzero(~links.isin(ids).to_numpy())
+        if unknown.size == 0:
+            raise l0calib.DataError(
+                f"{path}: the worker processes read {int(n_read):,} of its {total:,} {name} rows"
+            )
+        value = links.iloc[int(unknown[0])]
+        value = value.item() if hasattr(value, "item") else value
+        raise l0calib.DataError(
+            f"{path}: {name} table row {int(unknown[0])}: {link}={value!r} is not a household id"
+        )
+
+
 def _spawned_worker(rank: int, world: int, port: int, params: _ShardedRun, handoff: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     summary = _sharded_worker(rank, world, port, params, from_torchrun=False)
@@ -403,6 +437,7 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                 person_household_column=params.person_household_column,
             )  # fmt: skip
             entity_frames = params.job.read_entities(households, params.id_column, block=True)
+            _check_unlinked_rows(params, person_frame, entity_frames)
             held = _holdout(em.names, params.holdout, params.holdout_fraction, params.seed)
             show = rank == 0 and not params.quiet
             bar, callback = _fit_progress(not show, params.epochs)
@@ -502,8 +537,8 @@ class _Job:
     def read_entities(self, households, id_column: str, *, block: bool = False) -> list:
         """Read every --entity table and check its links before any fitting.
 
-        With ``block``, only the rows of ``households`` (one process's share) are read,
-        and a row linked to a household of no block cannot be detected.
+        With ``block``, only the rows of ``households`` (one process's share) are read; a
+        row linked to no household at all is found by ``_check_unlinked_rows``.
         """
         frames = []
         for name, path, _, link in self.entities:

@@ -417,3 +417,28 @@ def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
     assert "Error: a worker process failed" in result.output
     assert "needs a persons table" in result.output
     assert not (tmp_path / "households_reweighted.parquet").exists()
+
+
+def test_two_processes_find_rows_linked_to_no_household(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker reads only its households' rows; a row of no household is still found."""
+    monkeypatch.chdir(tmp_path)
+    _, spm = _entity_tables(tmp_path)
+    bad = pd.read_parquet(spm)
+    bad.loc[3, "hh"] = -7
+    bad.to_parquet(tmp_path / "bad.parquet")
+    persons = pd.read_parquet(SURVEY / "persons.parquet")
+    persons.loc[5, "person_household_id"] = -9
+    persons.to_parquet(tmp_path / "persons_bad.parquet")
+    common = ["reweight", str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"),
+              "--target-records", "300", "--epochs", "5", "--nproc", "2", "--quiet"]  # fmt: skip
+    result = runner.invoke(app, [*common, "--persons", str(SURVEY / "persons.parquet"),
+                                 "--entity", f"spm_unit={tmp_path / 'bad.parquet'}",
+                                 "--entity-link", "spm_unit=hh"])  # fmt: skip
+    assert result.exit_code == 1
+    assert "bad.parquet: spm_unit table row 3: hh=-7 is not a household id" in result.output
+    result = runner.invoke(app, [*common, "--persons", str(tmp_path / "persons_bad.parquet")])
+    assert result.exit_code == 1
+    assert "person table row 5: person_household_id=-9 is not a household id" in result.output
+    assert not (tmp_path / "households_reweighted.parquet").exists()
