@@ -89,8 +89,7 @@ class SparseOperator:
         self.device = torch.device(device)
         self.dtype = dtype
         at = self._matrix.T.tocsr()
-        arrays = _csr_arrays(at, dtype)
-        self.at = _csr_tensor(arrays, at.shape, dtype, self.device)
+        self.at = _csr_tensor(_csr_arrays(at, dtype), at.shape, dtype, self.device)
         self._a: torch.Tensor | None = None
         # On CPU, scipy views of blocks of records over the very same arrays (no copy of the
         # non-zeros) for the streaming forward.
@@ -98,7 +97,10 @@ class SparseOperator:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_threads = 0
         if self.device.type == "cpu" and dtype in _NUMPY and at.shape[0] >= _SCATTER_MIN_RECORDS:
-            indptr, indices, values = arrays
+            # Views of the tensor's own buffers (torch may have copied the numpy arrays).
+            indptr, indices, values = (
+                t.numpy() for t in (self.at.crow_indices(), self.at.col_indices(), self.at.values())
+            )
             n_blocks = int(min(_MAX_BLOCKS, max(1, at.nnz // _BLOCK_NNZ)))
             cuts = np.searchsorted(indptr, np.linspace(0, at.nnz, n_blocks + 1)[1:-1])
             bounds = [0, *sorted(set(int(c) for c in cuts) - {0, at.shape[0]}), at.shape[0]]
