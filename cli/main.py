@@ -395,18 +395,22 @@ def _check_unlinked_rows(params: _ShardedRun, person_frame, entity_frames: list)
         total = count_rows(path)
         if int(n_read) == total:
             continue
-        ids = read_table(params.microdata, columns=[params.id_column])[params.id_column]
-        links = read_table(path, columns=[link])[link]
-        unknown = np.flatnonzero(~links.isin(ids).to_numpy())
-        if unknown.size == 0:
-            raise l0calib.DataError(
-                f"{path}: the worker processes read {int(n_read):,} of its {total:,} {name} rows"
-            )
-        value = links.iloc[int(unknown[0])]
-        value = value.item() if hasattr(value, "item") else value
+        ids = read_table(params.microdata, columns=[params.id_column])
+        _check_links(path, name, link, ids, params.id_column, read_table(path, columns=[link]))
         raise l0calib.DataError(
-            f"{path}: {name} table row {int(unknown[0])}: {link}={value!r} is not a household id"
+            f"{path}: the worker processes read {int(n_read):,} of its {total:,} {name} rows"
         )
+
+
+def _check_links(path: Path, name: str, link: str, households, id_column: str, frame) -> None:
+    """Every row of ``frame`` must link to a household of ``households``
+    (:func:`l0calib.policyengine.prune_entities` checks it); the message names ``path``."""
+    try:
+        prune_entities({"household": households, name: frame},
+                       households[id_column].to_numpy(),
+                       links={"household": id_column, name: link})  # fmt: skip
+    except L0CalibError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def _spawned_worker(rank: int, world: int, port: int, params: _ShardedRun, handoff: str) -> None:
@@ -554,12 +558,7 @@ class _Job:
                     f"{path}: column '{link}' (the household id of {name}) is missing; name "
                     f"the right one with --entity-link {name}=COLUMN"
                 )
-            try:
-                prune_entities({"household": households, name: frame},
-                               households[id_column].to_numpy(),
-                               links={"household": id_column, name: link})  # fmt: skip
-            except L0CalibError as exc:
-                raise type(exc)(f"{path}: {exc}") from None
+            _check_links(path, name, link, households, id_column, frame)
             frames.append(frame)
         return frames
 

@@ -134,6 +134,8 @@ class SparseOperator:
         threads = min(torch.get_num_threads(), len(self._blocks))
         if threads > 1:
             if self._pool is None or self._pool_threads != threads:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix="l0calib-spmv")
                 self._pool_threads = threads
             parts = list(self._pool.map(part, self._blocks))
