@@ -24,11 +24,14 @@ L0Linear, one target density (plus the pruned net fine-tuned for half the epochs
 test error and channels kept.
 
 time: seconds per training epoch of the MLP, dense against L0 (seeded gates: counter-based
-noise, reproducible anywhere), L0 with unseeded gates (torch's generator) and L0 (seeded)
-with the SparsityController stepping after every minibatch. The three models train in turns, one
-epoch each per round, so a change in the machine's load hits all three alike; reported are
-the median over rounds of each model's epoch time divided by the dense epoch of the same
-round, and the fastest epoch of each.
+noise, reproducible anywhere) with nothing but the gates, L0 with unseeded gates (torch's
+generator), L0 + the fixed penalty of the mlp runs (paper_penalty, lambda 0.1 / N) and L0
+with the SparsityController stepping after every minibatch (the mlp runs' target mode).
+The models train in turns, one epoch each per round, so a change in the machine's load hits
+all alike; reported are the median over rounds of each model's epoch time divided by the
+dense epoch of the same round, and the fastest epoch of each. --optimizer picks torch's Adam
+as it comes (default: a Python loop over the parameters on CPU) or fused (one kernel per
+parameter), for every model alike.
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ def lenet(l0: bool, seed: int) -> nn.Module:
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), fc1, nn.ReLU(), fc2)  # fmt: skip
 
 
-def train(model, data, epochs, seed, extra=None, on_step=None):
+def train(model, data, epochs, seed, extra=None, on_step=None, fused=False):
     xtr, ytr, _, _ = data
     g = torch.Generator().manual_seed(seed)
     gates = [p for n, p in model.named_parameters() if n.endswith("log_alpha")]
     others = [p for n, p in model.named_parameters() if not n.endswith("log_alpha")]
     groups = [{"params": others}] + ([{"params": gates, "lr": GATE_LR}] if gates else [])
-    opt = torch.optim.Adam(groups, lr=1e-3)
+    opt = torch.optim.Adam(groups, lr=1e-3, fused=fused or None)
     times = []
     for _ in range(epochs):
         model.train()
@@ -217,19 +220,26 @@ def run_lenet(args) -> None:
 
 
 def run_time(args) -> None:
-    from l0calib.nn import SparsityController
+    from l0calib.nn import SparsityController, paper_penalty
 
     data = load()
     models = {}
-    for name in ("dense", "L0", "L0, unseeded gates", "L0 + controller"):
+    names = ("dense", "L0", "L0, unseeded gates", "L0 + penalty", "L0 + controller")
+    for name in names:
         torch.manual_seed(0)
         model = dense_mlp() if name == "dense" else l0_mlp(None if "unseeded" in name else 0)
         ctrl = SparsityController(model, target=0.45, warmup=1) if "controller" in name else None
-        models[name] = (model, ctrl)
+
+        def penalty(m=model):
+            return paper_penalty(m, 4000, l0_lambda=0.1)
+
+        models[name] = (model, ctrl, penalty if "penalty" in name else None)
+    fused = args.optimizer == "fused"
     secs = {name: [] for name in models}
     for r in range(args.rounds + 1):
-        for name, (model, ctrl) in models.items():
-            t = train(model, data, 1, r, on_step=None if ctrl is None else ctrl.step)
+        for name, (model, ctrl, extra) in models.items():
+            step = None if ctrl is None else ctrl.step
+            t = train(model, data, 1, r, extra=extra, on_step=step, fused=fused)
             if r:  # round 0 warms up
                 secs[name].append(t)
     print("| model | fastest epoch (s) | median epoch (s) | median ratio to dense, same round |")
@@ -263,6 +273,8 @@ def main() -> None:
                         default=[0.1, 1.0])  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15, help="time: epochs per model")
+    parser.add_argument("--optimizer", choices=["default", "fused"], default="default",
+                        help="time: torch's Adam as it comes, or fused=True")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"mlp": run_mlp, "lenet": run_lenet, "time": run_time}[args.what](args)

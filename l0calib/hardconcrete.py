@@ -33,7 +33,9 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from l0calib._checks import finite, positive_int
@@ -46,6 +48,15 @@ TestGate = Literal["paper", "median"]
 _TEST_GATES = ("paper", "median")
 # Uniform draws from a torch.Generator are clamped into [_EPS, 1 - _EPS] so the logit is finite.
 _EPS = 1e-6
+# Seeded gates with few elements take the noise of up to _NOISE_BLOCK draws in one call, at
+# most _NOISE_BLOCK_ELEMENTS numbers (a network layer's few hundred gates would otherwise pay
+# the noise's per-call overhead on every step); large gate vectors take one draw at a time.
+_NOISE_BLOCK = 64
+_NOISE_BLOCK_ELEMENTS = 1 << 16
+_WORK_DTYPES = (torch.float32, torch.float64)
+# shift_to_expected solves in numpy (float64) up to this many gates in total, where torch's
+# per-operation overhead would dominate.
+_NUMPY_SHIFT_MAX = 1 << 14
 
 
 class HardConcrete(nn.Module):
@@ -152,6 +163,7 @@ class HardConcrete(nn.Module):
         self.stretch = stretch
         self.gamma = -stretch
         self.zeta = 1.0 + stretch
+        self._gamma = torch.tensor(self.gamma, dtype=torch.float64)  # a 0-d operand of rsample
         self.init_mean = init_mean
         self.test_gate = test_gate
         self.seed = seed
@@ -162,6 +174,10 @@ class HardConcrete(nn.Module):
 
         shape = (input_dim,) if output_dim is None else (input_dim, output_dim)
         self.log_alpha = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        # Caches keyed by everything they depend on (never saved): the global indices and a
+        # block of seeded noise, (key, first draw, noise of shape (draws, *shape)).
+        self._index_cache: tuple[tuple, torch.Tensor] | None = None
+        self._noise_cache: tuple[tuple, int, torch.Tensor] | None = None
         # Number of training draws taken so far: the counter of the seeded noise stream.
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters(init_std=init_std)
@@ -198,8 +214,11 @@ class HardConcrete(nn.Module):
         return (noise * (math.sqrt(3) / math.pi)).reshape(self.log_alpha.shape)
 
     def _global_index(self) -> torch.Tensor:
-        n = self.log_alpha.numel()
-        return torch.arange(n, device=self.log_alpha.device) + self.index_offset
+        n, device = self.log_alpha.numel(), self.log_alpha.device
+        key = (n, device, self.index_offset)
+        if self._index_cache is None or self._index_cache[0] != key:
+            self._index_cache = (key, torch.arange(n, device=device) + self.index_offset)
+        return self._index_cache[1]
 
     @property
     def shape(self) -> torch.Size:
@@ -208,7 +227,8 @@ class HardConcrete(nn.Module):
 
     def _work(self) -> torch.Tensor:
         # Half-precision logits are upcast so the sampling arithmetic cannot overflow.
-        return self.log_alpha.to(torch.promote_types(self.log_alpha.dtype, torch.float32))
+        log_alpha = self.log_alpha
+        return log_alpha if log_alpha.dtype in _WORK_DTYPES else log_alpha.float()
 
     def _uniform_to_logistic(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         u = u.to(device=self.log_alpha.device, dtype=torch.float64).clamp(_EPS, 1 - _EPS)
@@ -216,12 +236,25 @@ class HardConcrete(nn.Module):
 
     def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.seed is not None:
-            noise = logistic_noise(self.seed, int(self.draws), self._global_index(), dtype=dtype)
-            return noise.reshape(self.shape)
+            return self._seeded_noise(int(self.draws), dtype)
         gen = self.generator
         dev = gen.device if gen is not None else self.log_alpha.device
         u = torch.rand(self.shape, generator=gen, device=dev, dtype=torch.float64)
-        return self._uniform_to_logistic(u, dtype)
+        # logit(u) with u clamped into [_EPS, 1 - _EPS]: the logistic noise, in one op.
+        noise = torch.logit(u, eps=_EPS).to(device=self.log_alpha.device)
+        return noise if noise.dtype == dtype else noise.to(dtype)
+
+    def _seeded_noise(self, draw: int, dtype: torch.dtype) -> torch.Tensor:
+        """Noise of training draw ``draw`` (counter-based: the same whichever block it
+        was computed in)."""
+        idx = self._global_index()
+        key = (self.seed, dtype, idx.device, self.index_offset, tuple(self.shape))
+        cache = self._noise_cache
+        if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
+            count = max(1, min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // idx.numel()))
+            block = logistic_noise(self.seed, draw, idx, dtype=dtype, count=count)
+            cache = self._noise_cache = (key, draw, block.reshape(count, *self.shape))
+        return cache[2][draw - cache[1]]
 
     # ------------------------------------------------------------------ gates
     def forward(self) -> torch.Tensor:
@@ -247,15 +280,18 @@ class HardConcrete(nn.Module):
         log_alpha = self._work()
         if u is None:
             noise = self._noise(log_alpha.dtype)
-            # Rebind rather than add in place, so a state_dict() taken earlier keeps its count.
-            self.draws = self.draws + 1
+            # Rebind rather than add in place, so a state_dict() taken earlier keeps its
+            # count (straight into _buffers: nn.Module.__setattr__ costs more than the add).
+            self._buffers["draws"] = self.draws + 1
         else:
             if u.shape != self.shape:
                 raise ParameterError(f"u must have shape {tuple(self.shape)}, got {tuple(u.shape)}")
             noise = self._uniform_to_logistic(u, log_alpha.dtype)
-        s = torch.sigmoid((noise + log_alpha) / self.temperature)
-        z = (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
-        return z.to(self.log_alpha.dtype)
+        # Few ops, each with a one-op backward: a layer's few hundred gates are bound by
+        # per-op overhead, not arithmetic. hardtanh is the clamp into [0, 1].
+        s = torch.sigmoid(torch.add(noise, log_alpha).div_(self.temperature))
+        z = F.hardtanh(torch.add(self._gamma, s, alpha=self.zeta - self.gamma), 0.0, 1.0)
+        return z if z.dtype == self.log_alpha.dtype else z.to(self.log_alpha.dtype)
 
     @torch.no_grad()
     def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,7 +349,8 @@ class HardConcrete(nn.Module):
         open gates without a penalty whose strength must be tuned: the optimiser decides
         *which* gates stay open, the shift decides *how many*. Solved by safeguarded Newton
         on the shift (a float64 scalar; probabilities in the gates' precision, at least
-        float32, summed in float64); returns the shift subtracted.
+        float32, summed in float64; up to 16,384 gates in all, on CPU, in float64 with
+        numpy); returns the shift subtracted.
 
         Parameters
         ----------
@@ -326,33 +363,54 @@ class HardConcrete(nn.Module):
             across processes when this module holds one shard of the gates
             (:mod:`l0calib.distributed`); ``goal`` then counts every shard's gates.
         """
-        # Probabilities in the gates' own precision (at least float32), sums in float64: one
-        # pass over the gates per Newton step (a million gates per rank make this matter).
         x = self._work() if mask is None else self._work()[mask]
 
-        def total(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-            return t if reduce is None else reduce(t, op)
+        def total(values: list[float], op: str = "sum") -> list[float]:
+            if reduce is None:
+                return values
+            return reduce(torch.tensor(values, dtype=torch.float64), op).tolist()
 
-        size = float(total(torch.tensor(float(x.numel()), dtype=torch.float64)))
+        (size,) = total([float(x.numel())])
         goal = float(goal)
         if not 0.0 <= goal <= size:
             raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
         if size == 0 or self.stretch == 0:
             return 0.0
         c = self.temperature * math.log(-self.gamma / self.zeta)
-        if x.numel():
-            x_min, x_max = (float(v) for v in torch.aminmax(x))
+        if size <= _NUMPY_SHIFT_MAX and x.device.type == "cpu":
+            # A network layer's few hundred gates, every training step: numpy in float64
+            # (chosen by the total size, so every shard of a small problem takes this path).
+            xs = x.detach().double().numpy()
+
+            def sums(b: float) -> tuple[float, float]:
+                with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
+                    p = np.exp(-(xs - (c + b)))
+                p += 1.0
+                np.reciprocal(p, out=p)
+                return tuple(total([float(p.sum()), float(p @ p)]))
+
+            bounds = (float(xs.max()), -float(xs.min())) if xs.size else (-math.inf, -math.inf)
         else:
-            x_min, x_max = math.inf, -math.inf
+            # Probabilities in the gates' own precision (at least float32), sums in float64:
+            # one pass over the gates per Newton step (a million gates per rank make this
+            # matter).
+            def sums(b: float) -> tuple[float, float]:
+                p = torch.sigmoid(x - (c + b))
+                s = torch.stack([p.sum(dtype=torch.float64), torch.dot(p, p).double()])
+                return tuple(s.tolist() if reduce is None else reduce(s, "sum").tolist())
+
+            if x.numel():
+                x_min, x_max = (float(v) for v in torch.aminmax(x))
+                bounds = (x_max, -x_min)
+            else:
+                bounds = (-math.inf, -math.inf)
         # One "max" reduction gives both ends of the bracket across shards.
-        ends = total(torch.tensor([x_max, -x_min], dtype=torch.float64), "max")
-        x_max, x_min = float(ends[0]), -float(ends[1])
+        x_max, neg_min = total(list(bounds), "max")
+        x_min = -neg_min
         lo, hi = x_min - c - 50.0, x_max - c + 50.0  # f(lo) > 0 > f(hi)
         b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
         for _ in range(60):
-            p = torch.sigmoid(x - (c + b))
-            sums = torch.stack([p.sum(dtype=torch.float64), torch.dot(p, p).double()])
-            s1, s2 = (float(v) for v in total(sums))
+            s1, s2 = sums(b)
             f = s1 - goal
             if abs(f) <= 1e-6 * max(goal, 1.0):
                 break

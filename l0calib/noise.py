@@ -87,27 +87,44 @@ def counter_uniform(
     >>> bool(torch.equal(u[3:], counter_uniform(0, 0, torch.arange(3, 6))))
     True
     """
-    stream = _mix_int(_mix_int(seed) + _GOLDEN * (draw + 1))
+    return _counter_uniform_block(_streams(seed, draw, 1), index)[0].to(dtype)
+
+
+def _streams(seed: int, first: int, count: int) -> list[int]:
+    """The 64-bit stream keys of draws ``first .. first + count - 1`` of ``seed``."""
+    base = _mix_int(seed)
+    return [_mix_int(base + _GOLDEN * (d + 1)) for d in range(first, first + count)]
+
+
+def _counter_uniform_block(streams: list[int], index: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms of shape ``(len(streams), *index.shape)``: row ``r`` is draw
+    ``streams[r]``. Elementwise, so a row never depends on the other rows."""
     if index.device.type == "cpu":
-        return _counter_uniform_numpy(stream, index).to(dtype)
-    return _counter_uniform_torch(stream, index).to(dtype)
+        return _counter_uniform_numpy(streams, index)
+    return _counter_uniform_torch(streams, index)
 
 
-def _counter_uniform_torch(stream: int, index: torch.Tensor) -> torch.Tensor:
+def _counter_uniform_torch(streams: list[int], index: torch.Tensor) -> torch.Tensor:
     """SplitMix64 of ``index * golden + stream`` in torch int64 ops (any device), mapped to
     a float64 in (0, 1)."""
-    x = index.to(torch.int64) * _signed(_GOLDEN) + _signed(stream)
+    keys = torch.tensor([_signed(s) for s in streams], dtype=torch.int64, device=index.device)
+    x = index.to(torch.int64).reshape(1, -1) * _signed(_GOLDEN) + keys[:, None]
     bits = _shr(_mix_tensor(x), 11)  # top 53 bits, in [0, 2**53)
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+    u = (bits.to(torch.float64) + 0.5) * 2.0**-53
+    return u.reshape(len(streams), *index.shape)
 
 
-def _counter_uniform_numpy(stream: int, index: torch.Tensor) -> torch.Tensor:
+def _counter_uniform_numpy(streams: list[int], index: torch.Tensor) -> torch.Tensor:
     """The same numbers, on CPU: numpy's uint64 arithmetic in place (logical shifts, no
     masking), about twice as fast as the torch version; bit-identical to it."""
-    x = index.detach().to(torch.int64).numpy().astype(np.uint64)  # a copy we may modify
+    idx = index.detach().to(torch.int64).numpy().reshape(1, -1).astype(np.uint64)
     with np.errstate(over="ignore"):
-        x *= np.uint64(_GOLDEN)
-        x += np.uint64(stream)
+        idx *= np.uint64(_GOLDEN)
+        if len(streams) == 1:
+            x = idx
+            x += np.uint64(streams[0])
+        else:
+            x = idx + np.array(streams, dtype=np.uint64)[:, None]  # a new (draws, n) array
         x ^= x >> np.uint64(30)
         x *= np.uint64(_MUL1)
         x ^= x >> np.uint64(27)
@@ -117,7 +134,7 @@ def _counter_uniform_numpy(stream: int, index: torch.Tensor) -> torch.Tensor:
     u = x.astype(np.float64)
     u += 0.5
     u *= 2.0**-53
-    return torch.from_numpy(u.reshape(tuple(index.shape)))
+    return torch.from_numpy(u.reshape(len(streams), *index.shape))
 
 
 def logistic_noise(
@@ -126,18 +143,27 @@ def logistic_noise(
     index: torch.Tensor,
     *,
     dtype: torch.dtype = torch.float32,
+    count: int | None = None,
 ) -> torch.Tensor:
     """Standard logistic noise ``log(u) - log(1 - u)`` from :func:`counter_uniform`.
 
     Computed in float64 (so it is finite: at most about 37.4 in magnitude), then cast.
+    With ``count``, draws ``draw .. draw + count - 1`` at once, shape
+    ``(count, *index.shape)``; row ``r`` equals ``logistic_noise(seed, draw + r, index)``
+    bit for bit (a layer of a few hundred gates takes a block of draws in one call
+    instead of paying the per-call overhead every step).
     """
+    streams = _streams(seed, draw, 1 if count is None else count)
+    u = _counter_uniform_block(streams, index)
     if index.device.type == "cpu":
         # numpy's float64 log may differ from torch's in the last bit (about 1% of values);
         # after a cast to float32 the two agree. numpy saves the per-op overhead that
         # dominates for the few hundred gates of a network layer.
-        u = counter_uniform(seed, draw, index).numpy()
-        return torch.from_numpy(np.log(u) - np.log1p(-u)).to(dtype)
-    return logistic_from_uniform(counter_uniform(seed, draw, index), dtype=dtype)
+        a = u.numpy()
+        noise = torch.from_numpy(np.log(a) - np.log1p(-a)).to(dtype)
+    else:
+        noise = logistic_from_uniform(u, dtype=dtype)
+    return noise[0] if count is None else noise
 
 
 def logistic_from_uniform(u: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:

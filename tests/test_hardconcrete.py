@@ -182,6 +182,26 @@ def test_state_dict_resumes_the_draw_sequence() -> None:
     assert torch.equal(b.sample(), expected)
 
 
+def test_seeded_draws_follow_the_counter_across_noise_blocks() -> None:
+    # A small gate vector takes its noise in blocks of draws; every draw must still be the
+    # one its (seed, draw, index) keys, also after a state_dict jumps the counter.
+    from l0calib.hardconcrete import _NOISE_BLOCK
+    from l0calib.noise import logistic_noise
+
+    a = HardConcrete(40, temperature=0.5, seed=3, index_offset=7, dtype=torch.float64)
+    la = a.log_alpha.detach()
+    idx = torch.arange(7, 47)
+    draws = _NOISE_BLOCK + 5
+    got = [a.sample() for _ in range(draws)]
+    for d in (0, 1, _NOISE_BLOCK - 1, _NOISE_BLOCK, draws - 1):
+        s = torch.sigmoid((logistic_noise(3, d, idx, dtype=torch.float64) + la) / 0.5)
+        assert torch.allclose(got[d], (s * 1.2 - 0.1).clamp(0, 1), rtol=1e-14, atol=1e-15)
+    b = HardConcrete(40, temperature=0.5, seed=3, index_offset=7, dtype=torch.float64)
+    b.sample()  # fills b's first block
+    b.load_state_dict({"log_alpha": la, "draws": torch.tensor(draws - 3)})
+    assert torch.equal(b.sample(), got[draws - 3])
+
+
 def test_external_uniforms_are_used() -> None:
     hc = HardConcrete(3, temperature=0.5, seed=0)
     with torch.no_grad():

@@ -48,9 +48,21 @@ def test_logistic_noise_is_finite_and_symmetric() -> None:
 
 def test_numpy_and_torch_paths_agree_bit_for_bit() -> None:
     # CPU uses numpy's uint64 arithmetic, other devices the torch int64 version.
-    from l0calib.noise import _counter_uniform_numpy, _counter_uniform_torch, _mix_int
+    from l0calib.noise import _counter_uniform_numpy, _counter_uniform_torch, _streams
 
     idx = torch.cat([torch.arange(1000), torch.tensor([2**40, 2**62, 123456789])])
-    for seed, draw in ((0, 0), (7, 3), (2**63 + 5, -1)):
-        stream = _mix_int(_mix_int(seed) + 0x9E3779B97F4A7C15 * (draw + 1))
-        assert torch.equal(_counter_uniform_numpy(stream, idx), _counter_uniform_torch(stream, idx))
+    for seed, draw, count in ((0, 0, 1), (7, 3, 1), (2**63 + 5, -1, 1), (7, 3, 5)):
+        streams = _streams(seed, draw, count)
+        assert torch.equal(
+            _counter_uniform_numpy(streams, idx), _counter_uniform_torch(streams, idx)
+        )
+
+
+def test_a_block_of_draws_equals_the_draws_one_by_one() -> None:
+    idx = torch.arange(5, 789).reshape(28, 28)
+    block = logistic_noise(3, 10, idx, dtype=torch.float64, count=6)
+    assert block.shape == (6, 28, 28)
+    for r in range(6):
+        assert torch.equal(block[r], logistic_noise(3, 10 + r, idx, dtype=torch.float64))
+    block32 = logistic_noise(3, 10, idx, count=6)  # float32: cast after the float64 math
+    assert torch.equal(block32[4], logistic_noise(3, 14, idx))

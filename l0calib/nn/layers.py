@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,18 @@ def _init_mean(init_sparsity: float, temperature: float, stretch: float = 0.1) -
     # P(z != 0) = sigmoid(log_alpha - t * log(-gamma / zeta)), gamma = -stretch.
     log_alpha = math.log((1 - s) / s) + t * math.log(stretch / (1 + stretch))
     return 1 / (1 + math.exp(-log_alpha))
+
+
+def _same(v: torch.Tensor) -> torch.Tensor:
+    return v
+
+
+def _as_row(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :]
+
+
+def _as_filter(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, None, None]
 
 
 def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -74,6 +87,11 @@ class L0Layer(nn.Module):
 
     def group_sq_norms(self) -> torch.Tensor:
         """Squared L2 norm of each gate's parameters, shape of the gates."""
+        raise NotImplementedError
+
+    def gated_parameters(self) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+        """Each gated parameter with a map that turns a tensor of the gates' shape into one
+        that broadcasts against the parameter (each element meets its group's value)."""
         raise NotImplementedError
 
     def active_prob(self) -> torch.Tensor:
@@ -191,6 +209,10 @@ class L0Linear(L0Layer):
         sq = self.weight**2
         return sq.sum(0) if self.structured else sq
 
+    def gated_parameters(self) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The weight; a gate covers a column (structured) or one weight."""
+        return [(self.weight, _as_row if self.structured else _same)]
+
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """The test-time weight ``W * z`` (shape (out, in)) an eval forward uses."""
@@ -281,6 +303,11 @@ class L0Conv2d(L0Layer):
         """Squared norm of each output channel's filter and bias."""
         sq = (self.weight**2).flatten(1).sum(1)
         return sq + self.bias**2 if self.bias is not None else sq
+
+    def gated_parameters(self) -> list[tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The filters (a gate covers an output channel) and the bias, if any."""
+        gated = [(self.weight, _as_filter)]
+        return [*gated, (self.bias, _same)] if self.bias is not None else gated
 
     def extra_repr(self) -> str:
         """Summary shown by ``repr``."""
