@@ -380,14 +380,16 @@ class HardConcrete(nn.Module):
         if size <= _NUMPY_SHIFT_MAX and x.device.type == "cpu":
             # A network layer's few hundred gates, every training step: numpy in float64
             # (chosen by the total size, so every shard of a small problem takes this path).
-            xs = x.detach().double().numpy()
+            xs = x.detach().numpy().astype(np.float64)
+            buf = np.empty_like(xs)  # p, in one buffer for every Newton step
 
             def sums(b: float) -> tuple[float, float]:
+                np.subtract(c + b, xs, out=buf)
                 with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
-                    p = np.exp(-(xs - (c + b)))
-                p += 1.0
-                np.reciprocal(p, out=p)
-                return tuple(total([float(p.sum()), float(p @ p)]))
+                    np.exp(buf, out=buf)
+                np.add(buf, 1.0, out=buf)
+                np.reciprocal(buf, out=buf)
+                return tuple(total([float(buf.sum()), float(buf @ buf)]))
 
             bounds = (float(xs.max()), -float(xs.min())) if xs.size else (-math.inf, -math.inf)
         else:
