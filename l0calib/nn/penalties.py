@@ -55,39 +55,28 @@ def _zero(model: nn.Module) -> torch.Tensor:
 
 class _ExpectedPenalty(torch.autograd.Function):
     """``sum_g P(z_g != 0) * (l0_lambda * |g| + l2_lambda / 2 * ||theta_g||^2)`` over the
-    groups of ``layers``, with its gradient written out, as one autograd node.
+    groups of ``layers`` (``l2_lambda > 0``), with its gradient written out, as one
+    autograd node: autograd through the squared group norms would add several passes over
+    every gated weight per training step.
 
-    Inputs after ``(layers, l0_lambda, l2_lambda)``: each layer's ``log_alpha``, then (with
-    ``l2_lambda > 0`` only) each layer's tensors of ``layer.gated_parameters()``. With
-    ``p = P(z_g != 0) = sigmoid(log_alpha - c)`` and ``cost_g`` the bracket above::
+    Inputs after ``(layers, l0_lambda, l2_lambda)``: each layer's ``log_alpha``, then each
+    layer's tensors of ``layer.gated_parameters()``. With ``p = P(z_g != 0) =
+    sigmoid(log_alpha - c)`` and ``cost_g`` the bracket above::
 
         d/d log_alpha_g = p (1 - p) cost_g        d/d theta = l2_lambda * p_g * theta
-
-    Every layer's gates are handled as one concatenated vector: a network's few thousand
-    gates are bound by per-operation overhead, and this runs every training step.
     """
 
     @staticmethod
     def forward(ctx, layers, l0_lambda, l2_lambda, *tensors):  # type: ignore[override]
-        log_alphas = tensors[: len(layers)]
         ctx.layers, ctx.l2_lambda = layers, l2_lambda
-        ctx.shapes = [(a.shape, a.dtype) for a in log_alphas]
-        if l2_lambda:
-            ctx.save_for_backward(*tensors[len(layers) :])
-        gates = [layer.gates for layer in layers]
-        shifts = {g.temperature * math.log(-g.gamma / g.zeta) if g.stretch else None for g in gates}
-        if len(shifts) == 1 and None not in shifts:
-            p = torch.sigmoid(torch.cat([g._work().flatten() for g in gates]) - shifts.pop())
-        else:  # layers with different temperatures or stretches
-            p = torch.cat([g.get_active_prob().flatten() for g in gates])
-        cost = torch.cat([layer.group_sizes().flatten() for layer in layers]).to(p.dtype)
-        cost *= l0_lambda
-        if l2_lambda:
-            sq = torch.cat([layer.group_sq_norms().flatten() for layer in layers])
-            cost.add_(sq.to(p.dtype), alpha=l2_lambda / 2)
+        ctx.shapes = [(a.shape, a.dtype) for a in tensors[: len(layers)]]
+        ctx.save_for_backward(*tensors[len(layers) :])
+        p = _active_probs(layers)
+        cost = _group_sizes(layers).to(p.dtype) * l0_lambda
+        sq = torch.cat([layer.group_sq_norms().flatten() for layer in layers])
+        cost.add_(sq.to(p.dtype), alpha=l2_lambda / 2)
         # d p / d log_alpha = p (1 - p): 0 for a layer without stretch (p == 1 exactly).
-        ctx.slope = p * (1 - p) * cost
-        ctx.p = p if l2_lambda else None
+        ctx.slope, ctx.p = p * (1 - p) * cost, p
         return torch.dot(p, cost)
 
     @staticmethod
@@ -98,23 +87,39 @@ class _ExpectedPenalty(torch.autograd.Function):
             s.view(shape) if s.dtype == dtype else s.view(shape).to(dtype)
             for s, (shape, dtype) in zip(slopes, ctx.shapes, strict=True)
         ]
-        if ctx.l2_lambda:  # the gated parameters are inputs only then
-            thetas = iter(ctx.saved_tensors)
-            scales = (ctx.p * (grad * ctx.l2_lambda)).split(counts)
-            for layer, scale, (shape, _) in zip(ctx.layers, scales, ctx.shapes, strict=True):
-                for _, spread in layer.gated_parameters():
-                    theta = next(thetas)
-                    grads.append(theta * spread(scale.view(shape)).to(theta.dtype))
+        thetas = iter(ctx.saved_tensors)
+        scales = (ctx.p * (grad * ctx.l2_lambda)).split(counts)
+        for layer, scale, (shape, _) in zip(ctx.layers, scales, ctx.shapes, strict=True):
+            for _, spread in layer.gated_parameters():
+                theta = next(thetas)
+                grads.append(theta * spread(scale.view(shape)).to(theta.dtype))
         return (None, None, None, *grads)
+
+
+def _active_probs(layers: list[L0Layer]) -> torch.Tensor:
+    """``P(z_g != 0)`` of every gate of ``layers``, concatenated (flattened)."""
+    gates = [layer.gates for layer in layers]
+    shifts = {g._count_shift() if g.stretch else None for g in gates}
+    if len(shifts) == 1 and None not in shifts:
+        return torch.sigmoid(torch.cat([g._work().flatten() for g in gates]) - shifts.pop())
+    # layers with different temperatures or stretches
+    return torch.cat([g.get_active_prob().flatten() for g in gates])
+
+
+def _group_sizes(layers: list[L0Layer]) -> torch.Tensor:
+    return torch.cat([layer.group_sizes().flatten() for layer in layers])
 
 
 def _expected_penalty(model: nn.Module, l0_lambda: float, l2_lambda: float) -> torch.Tensor:
     layers = [layer for _, layer in l0_layers(model)]
     if not layers:
         return _zero(model)
+    if not l2_lambda:
+        # Gates alone: plain autograd through a few concatenated ops is the cheaper way.
+        p = _active_probs(layers)
+        return torch.dot(p, _group_sizes(layers).to(p.dtype) * l0_lambda)
     tensors = [layer.gates.log_alpha for layer in layers]
-    if l2_lambda:
-        tensors += [param for layer in layers for param, _ in layer.gated_parameters()]
+    tensors += [param for layer in layers for param, _ in layer.gated_parameters()]
     return _ExpectedPenalty.apply(layers, float(l0_lambda), float(l2_lambda), *tensors)
 
 
