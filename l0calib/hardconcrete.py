@@ -327,8 +327,11 @@ class HardConcrete(nn.Module):
         log_alpha = self._work()
         if self.stretch == 0:
             return torch.ones_like(log_alpha)
-        shift = self.temperature * math.log(-self.gamma / self.zeta)
-        return torch.sigmoid(log_alpha - shift)
+        return torch.sigmoid(log_alpha - self._count_shift())
+
+    def _count_shift(self) -> float:
+        """``c`` in ``P(z != 0) = sigmoid(log_alpha - c)`` (needs ``stretch > 0``)."""
+        return self.temperature * math.log(-self.gamma / self.zeta)
 
     def get_penalty(self) -> torch.Tensor:
         """Expected number of non-zero gates (a differentiable scalar): the L0 surrogate."""
@@ -376,11 +379,12 @@ class HardConcrete(nn.Module):
             raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
         if size == 0 or self.stretch == 0:
             return 0.0
-        c = self.temperature * math.log(-self.gamma / self.zeta)
+        c = self._count_shift()
+        xd = x.detach()
         if size <= _NUMPY_SHIFT_MAX and x.device.type == "cpu":
             # A network layer's few hundred gates, every training step: numpy in float64
             # (chosen by the total size, so every shard of a small problem takes this path).
-            xs = x.detach().numpy().astype(np.float64)
+            xs = xd.numpy().astype(np.float64)
             buf = np.empty_like(xs)  # p, in one buffer for every Newton step
 
             def sums(b: float) -> tuple[float, float]:
@@ -391,23 +395,30 @@ class HardConcrete(nn.Module):
                 np.reciprocal(buf, out=buf)
                 return tuple(total([float(buf.sum()), float(buf @ buf)]))
 
-            bounds = (float(xs.max()), -float(xs.min())) if xs.size else (-math.inf, -math.inf)
-        else:
-            # Probabilities in the gates' own precision (at least float32), sums in float64:
-            # one pass over the gates per Newton step (a million gates per rank make this
-            # matter).
+        elif x.device.type == "cpu":
+            # Millions of gates: probabilities in the gates' own precision (at least
+            # float32) in one buffer reused by every Newton step (no allocation per step),
+            # summed by numpy in float64 (converted block by block, no float64 copy).
+            p = torch.empty_like(xd)
+            arr = p.numpy()
+
             def sums(b: float) -> tuple[float, float]:
-                p = torch.sigmoid(x - (c + b))
-                s = torch.stack([p.sum(dtype=torch.float64), torch.dot(p, p).double()])
+                torch.sub(xd, c + b, out=p).sigmoid_()
+                return tuple(total([float(arr.sum(dtype=np.float64)), float(arr @ arr)]))
+
+        else:
+            # On a GPU: the same sums by torch, one pass over the gates per Newton step.
+            def sums(b: float) -> tuple[float, float]:
+                q = torch.sigmoid(xd - (c + b))
+                s = torch.stack([q.sum(dtype=torch.float64), torch.dot(q, q).double()])
                 return tuple(s.tolist() if reduce is None else reduce(s, "sum").tolist())
 
-            if x.numel():
-                x_min, x_max = (float(v) for v in torch.aminmax(x))
-                bounds = (x_max, -x_min)
-            else:
-                bounds = (-math.inf, -math.inf)
+        if x.numel():
+            x_min, x_max = (float(v) for v in torch.aminmax(xd))
+        else:
+            x_min, x_max = math.inf, -math.inf
         # One "max" reduction gives both ends of the bracket across shards.
-        x_max, neg_min = total(list(bounds), "max")
+        x_max, neg_min = total([x_max, -x_min], "max")
         x_min = -neg_min
         lo, hi = x_min - c - 50.0, x_max - c + 50.0  # f(lo) > 0 > f(hi)
         b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
