@@ -251,7 +251,9 @@ class HardConcrete(nn.Module):
         key = (self.seed, dtype, idx.device, self.index_offset, tuple(self.shape))
         cache = self._noise_cache
         if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
-            count = max(1, min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // idx.numel()))
+            count = min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // idx.numel())
+            if count <= 1:  # one draw at a time: nothing to keep
+                return logistic_noise(self.seed, draw, idx, dtype=dtype).reshape(self.shape)
             block = logistic_noise(self.seed, draw, idx, dtype=dtype, count=count)
             cache = self._noise_cache = (key, draw, block.reshape(count, *self.shape))
         return cache[2][draw - cache[1]]
@@ -279,10 +281,7 @@ class HardConcrete(nn.Module):
         """
         log_alpha = self._work()
         if u is None:
-            noise = self._noise(log_alpha.dtype)
-            # Rebind rather than add in place, so a state_dict() taken earlier keeps its
-            # count (straight into _buffers: nn.Module.__setattr__ costs more than the add).
-            self._buffers["draws"] = self.draws + 1
+            noise = self.next_noise()
         else:
             if u.shape != self.shape:
                 raise ParameterError(f"u must have shape {tuple(self.shape)}, got {tuple(u.shape)}")
@@ -292,6 +291,22 @@ class HardConcrete(nn.Module):
         s = torch.sigmoid(torch.add(noise, log_alpha).div_(self.temperature))
         z = F.hardtanh(torch.add(self._gamma, s, alpha=self.zeta - self.gamma), 0.0, 1.0)
         return z if z.dtype == self.log_alpha.dtype else z.to(self.log_alpha.dtype)
+
+    def next_noise(self) -> torch.Tensor:
+        """The logistic noise of the next training draw (gate shape, in ``log_alpha``'s
+        dtype promoted to at least float32), advancing the draw counter: :meth:`rsample`
+        is ``clamp(gamma + (zeta - gamma) * sigmoid((noise + log_alpha) / beta), 0, 1)``
+        of it. The tensor is new: the caller may overwrite it."""
+        noise = self._noise(self._work().dtype)
+        cache = self._noise_cache
+        if cache is not None and noise.untyped_storage().data_ptr() == (
+            cache[2].untyped_storage().data_ptr()
+        ):
+            noise = noise.clone()  # a row of the cached block of draws
+        # Rebind rather than add in place, so a state_dict() taken earlier keeps its
+        # count (straight into _buffers: nn.Module.__setattr__ costs more than the add).
+        self._buffers["draws"] = self.draws + 1
+        return noise
 
     @torch.no_grad()
     def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:

@@ -307,3 +307,45 @@ def test_default_selection_follows_records_per_target() -> None:
     assert given.info["selection"] == "given"
     assert given.info["lambda_l2"] == 0.5
     assert calibrate(a, t, weights=w0, epochs=20).info["selection"] == "free"
+
+
+def test_fused_gated_records_match_autograd_of_the_formula() -> None:
+    # The engine's per-record terms have a hand-written gradient; compare value and
+    # gradient in float64 with autograd through HardConcrete's own formulas.
+    import torch
+
+    from l0calib.calibrate import _GatedRecords
+    from l0calib.hardconcrete import HardConcrete
+
+    n = 300
+    g = torch.Generator().manual_seed(0)
+    gates = HardConcrete(n, temperature=0.4, init_mean=0.6, seed=1, dtype=torch.float64)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 3)
+    u = (torch.randn(n, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    w0 = torch.rand(n, generator=g, dtype=torch.float64) * 50 + 1
+    fixed = torch.zeros(n, dtype=torch.bool)
+    fixed[::7] = True
+    coef = torch.randn(n, 3, generator=g, dtype=torch.float64)  # a stand-in for the loss
+
+    def loss(w, l2, expected):
+        return ((w @ coef) ** 2).sum() * 1e-4 + 0.7 * l2 + 0.3 * expected
+
+    noise = gates.next_noise()
+    w, l2, expected = _GatedRecords.apply(u, gates.log_alpha, noise.clone(), w0, 1.7, gates, fixed)
+    got = torch.autograd.grad(loss(w, l2, expected), [u, gates.log_alpha])
+
+    la = gates.log_alpha
+    s = torch.sigmoid((noise + la) / gates.temperature)
+    z = (gates.gamma + (gates.zeta - gates.gamma) * s).clamp(0, 1)
+    z = torch.where(fixed, torch.ones_like(z), z)
+    p = torch.where(fixed, torch.ones_like(z), gates.get_active_prob())
+    r = torch.exp(u)
+    want_terms = (1.7 * w0 * r * z, (p * (r - 1) ** 2).sum(), p.sum())
+    want = torch.autograd.grad(loss(*want_terms), [u, la])
+    for a, b in zip((w, l2, expected), want_terms, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12)
+    assert 0 < int(((z > 0) & (z < 1)).sum()) < n  # some gates clamped, some not
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.all(got[1][fixed] == 0)
