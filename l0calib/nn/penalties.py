@@ -114,6 +114,11 @@ def _expected_penalty(model: nn.Module, l0_lambda: float, l2_lambda: float) -> t
     layers = [layer for _, layer in l0_layers(model)]
     if not layers:
         return _zero(model)
+    devices = {layer.gates.log_alpha.device for layer in layers}
+    if len(devices) > 1:  # a model spread over devices: layer by layer, summed on the first
+        first = layers[0].gates.log_alpha.device
+        terms = [l0_lambda * m.get_l0_penalty() + l2_lambda * m.get_l2_penalty() for m in layers]
+        return sum(t.to(first) for t in terms)  # type: ignore[return-value]
     if not l2_lambda:
         # Gates alone: plain autograd through a few concatenated ops is the cheaper way.
         p = _active_probs(layers)
