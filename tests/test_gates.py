@@ -273,15 +273,24 @@ def test_always_keep_records_survive_and_count(survey: tuple) -> None:
         calibrate(em, target_records=50, always_keep=must)
 
 
-def test_shift_to_expected_hits_the_goal() -> None:
-    g = HardConcrete(1000, seed=0, init_std=1.0)
-    g.shift_to_expected(123.0)
-    assert float(g.get_active_prob().detach().sum()) == pytest.approx(123.0, rel=1e-6)
-    mask = torch.arange(1000) < 400
-    g.shift_to_expected(10.0, mask)
-    assert float(g.get_active_prob().detach()[mask].sum()) == pytest.approx(10.0, rel=1e-6)
+@pytest.mark.parametrize("n", [1000, 50_000])  # numpy float64 below 16,384 gates, else torch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shift_to_expected_hits_the_goal(n: int, dtype: torch.dtype) -> None:
+    g = HardConcrete(n, seed=0, init_std=1.0, dtype=dtype)
+    for goal in (0.123 * n, 0.5, n - 0.5):  # also near either end of the range
+        g.shift_to_expected(goal)
+        total = float(g.get_active_prob().detach().double().sum())
+        assert total == pytest.approx(goal, rel=1e-6, abs=1e-6)
+    g = HardConcrete(n, seed=1, init_std=30.0, dtype=dtype)  # logits over +-100: safeguarded
+    g.shift_to_expected(0.3 * n)
+    assert float(g.get_active_prob().detach().double().sum()) == pytest.approx(0.3 * n, rel=1e-6)
+    mask = torch.arange(n) < 0.4 * n
+    g.shift_to_expected(0.01 * n, mask)
+    assert float(g.get_active_prob().detach()[mask].double().sum()) == pytest.approx(
+        0.01 * n, rel=1e-6
+    )
     with pytest.raises(ParameterError, match="goal must be in"):
-        g.shift_to_expected(1001.0)
+        g.shift_to_expected(n + 1.0)
 
 
 # ---------------------------------------------------------------------------- FeatureGate
