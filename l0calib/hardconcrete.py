@@ -400,33 +400,40 @@ class HardConcrete(nn.Module):
             # A network layer's few hundred gates, every training step: numpy in float64
             # (chosen by the total size, so every shard of a small problem takes this path).
             xs = xd.numpy().astype(np.float64)
-            buf = np.empty_like(xs)  # p, in one buffer for every Newton step
+            buf, sq = np.empty_like(xs), np.empty_like(xs)  # p and p^2, reused every step
 
-            def sums(b: float) -> tuple[float, float]:
+            def sums(b: float) -> list[float]:
                 np.subtract(c + b, xs, out=buf)
                 with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
                     np.exp(buf, out=buf)
                 np.add(buf, 1.0, out=buf)
                 np.reciprocal(buf, out=buf)
-                return tuple(total([float(buf.sum()), float(buf @ buf)]))
+                np.multiply(buf, buf, out=sq)
+                return total([float(buf.sum()), float(sq.sum()), float(sq @ buf)])
 
         elif x.device.type == "cpu":
             # Millions of gates: probabilities in the gates' own precision (at least
             # float32) in one buffer reused by every Newton step (no allocation per step),
             # summed by numpy in float64 (converted block by block, no float64 copy).
-            p = torch.empty_like(xd)
-            arr = p.numpy()
+            p, sq = torch.empty_like(xd), torch.empty_like(xd)
+            arr, arr2 = p.numpy(), sq.numpy()
 
-            def sums(b: float) -> tuple[float, float]:
+            def sums(b: float) -> list[float]:
                 torch.sub(xd, c + b, out=p).sigmoid_()
-                return tuple(total([float(arr.sum(dtype=np.float64)), float(arr @ arr)]))
+                torch.mul(p, p, out=sq)
+                return total(
+                    [float(arr.sum(dtype=np.float64)), float(arr2.sum(dtype=np.float64)),
+                     float(arr2 @ arr)]
+                )  # fmt: skip
 
         else:
             # On a GPU: the same sums by torch, one pass over the gates per Newton step.
-            def sums(b: float) -> tuple[float, float]:
+            def sums(b: float) -> list[float]:
                 q = torch.sigmoid(xd - (c + b))
-                s = torch.stack([q.sum(dtype=torch.float64), torch.dot(q, q).double()])
-                return tuple(s.tolist() if reduce is None else reduce(s, "sum").tolist())
+                q2 = q * q
+                s = torch.stack([q.sum(dtype=torch.float64), q2.sum(dtype=torch.float64),
+                                 torch.dot(q2, q).double()])  # fmt: skip
+                return s.tolist() if reduce is None else reduce(s, "sum").tolist()
 
         if x.numel():
             x_min, x_max = (float(v) for v in torch.aminmax(xd))
@@ -436,19 +443,7 @@ class HardConcrete(nn.Module):
         x_max, neg_min = total([x_max, -x_min], "max")
         x_min = -neg_min
         lo, hi = x_min - c - 50.0, x_max - c + 50.0  # f(lo) > 0 > f(hi)
-        b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
-        for _ in range(60):
-            s1, s2 = sums(b)
-            f = s1 - goal
-            if abs(f) <= 1e-6 * max(goal, 1.0):
-                break
-            if f > 0:
-                lo = b
-            else:
-                hi = b
-            slope = s1 - s2  # sum of p * (1 - p), the derivative of -f in b
-            step = b + f / slope if slope > 0 else 0.5 * (lo + hi)
-            b = step if lo < step < hi else 0.5 * (lo + hi)
+        b = _solve_shift(sums, goal, size, lo, hi)
         self.log_alpha.sub_(b)
         return b
 
@@ -473,3 +468,45 @@ class HardConcrete(nn.Module):
             f"{dims}, temperature={self.temperature:.4g}, stretch={self.stretch:.4g}, "
             f"init_mean={self.init_mean:.4g}, test_gate={self.test_gate!r}"
         )
+
+
+def _solve_shift(
+    sums: Callable[[float], list[float]], goal: float, size: float, lo: float, hi: float
+) -> float:
+    """The shift ``b`` with ``f(b) = sum_i sigmoid(x_i - c - b) - goal = 0``, ``|f| <= 1e-6
+    max(goal, 1)``, given ``sums(b) = [sum p, sum p^2, sum p^3]`` over ``size`` gates and a
+    bracket ``f(lo) > 0 > f(hi)``.
+
+    Steps to the root of the quadratic model ``f + f' h + f'' h^2 / 2`` (``f' = -(s1 -
+    s2)``, ``f'' = s1 - 3 s2 + 2 s3``), else Newton, else bisection, always inside the
+    bracket. The third derivative of the sigmoid is at most 1/8 in size, so the true value
+    after a step differs from the model's by at most ``size |h|^3 / 48``: when that bound
+    (plus the model's own residual) is within the tolerance, the step is taken without
+    evaluating ``f`` again. After an optimiser step the shift is small, so one pass over
+    the gates usually does.
+    """
+    tol = 1e-6 * max(goal, 1.0)
+    b = 0.0 if lo < 0.0 < hi else 0.5 * (lo + hi)
+    for _ in range(60):
+        s1, s2, s3 = sums(b)
+        f = s1 - goal
+        if abs(f) <= tol:
+            return b
+        if f > 0:
+            lo = b
+        else:
+            hi = b
+        d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3  # f' (< 0) and f''
+        step = None
+        disc = d1 * d1 - 2.0 * d2 * f
+        if d1 < 0 and disc >= 0:
+            h = -2.0 * f / (d1 - math.sqrt(disc))  # the model's root nearest b
+            if lo < b + h < hi:
+                model = f + d1 * h + 0.5 * d2 * h * h
+                if abs(model) + size * abs(h) ** 3 / 48.0 <= tol:
+                    return b + h
+                step = b + h
+        if step is None and d1 < 0:
+            step = b - f / d1
+        b = step if step is not None and lo < step < hi else 0.5 * (lo + hi)
+    return b
