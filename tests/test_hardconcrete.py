@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -285,3 +286,26 @@ def test_temperature_setter_validates() -> None:
     with pytest.raises(ParameterError, match="temperature must be > 0"):
         hc.temperature = -1.0
     assert isinstance(ParameterError("x"), ValueError)
+
+
+def test_small_shifts_are_solved_in_one_pass_within_tolerance() -> None:
+    # After an optimiser step the goal moves a little: the quadratic model's step, with the
+    # third-derivative bound, must be accepted after one pass and still meet the goal.
+    from l0calib.hardconcrete import _solve_shift
+
+    x = np.random.default_rng(0).normal(0.0, 2.0, 5000)
+    calls = []
+
+    def sums(b: float) -> list[float]:
+        calls.append(b)
+        p = 1.0 / (1.0 + np.exp(b - x))
+        return [p.sum(), (p * p).sum(), (p**3).sum()]
+
+    start = sums(0.0)[0]
+    for drift, most_passes in ((0.5, 1), (-3.0, 1), (400.0, 6)):
+        calls.clear()
+        goal = start + drift
+        b = _solve_shift(sums, goal, x.size, float(x.min()) - 50, float(x.max()) + 50)
+        assert len(calls) <= most_passes
+        exact = (1.0 / (1.0 + np.exp(b - x))).sum()
+        assert abs(exact - goal) <= 1e-6 * goal
