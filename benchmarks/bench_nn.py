@@ -30,8 +30,8 @@ with the SparsityController stepping after every minibatch (the mlp runs' target
 The models train in turns, one epoch each per round, so a change in the machine's load hits
 all alike; reported are the median over rounds of each model's epoch time divided by the
 dense epoch of the same round, and the fastest epoch of each. --optimizer picks torch's Adam
-as it comes (default: a Python loop over the parameters on CPU) or fused (one kernel per
-parameter), for every model alike.
+as it comes (default: a Python loop over the parameters on CPU), foreach (multi-tensor
+operations) or fused (one kernel per parameter), for every model alike.
 """
 
 from __future__ import annotations
@@ -84,13 +84,14 @@ def lenet(l0: bool, seed: int) -> nn.Module:
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), fc1, nn.ReLU(), fc2)  # fmt: skip
 
 
-def train(model, data, epochs, seed, extra=None, on_step=None, fused=False):
+def train(model, data, epochs, seed, extra=None, on_step=None, optimizer="default"):
     xtr, ytr, _, _ = data
     g = torch.Generator().manual_seed(seed)
     gates = [p for n, p in model.named_parameters() if n.endswith("log_alpha")]
     others = [p for n, p in model.named_parameters() if not n.endswith("log_alpha")]
     groups = [{"params": others}] + ([{"params": gates, "lr": GATE_LR}] if gates else [])
-    opt = torch.optim.Adam(groups, lr=1e-3, fused=fused or None)
+    kind = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
+    opt = torch.optim.Adam(groups, lr=1e-3, **kind)
     times = []
     for _ in range(epochs):
         model.train()
@@ -234,12 +235,11 @@ def run_time(args) -> None:
             return paper_penalty(m, 4000, l0_lambda=0.1)
 
         models[name] = (model, ctrl, penalty if "penalty" in name else None)
-    fused = args.optimizer == "fused"
     secs = {name: [] for name in models}
     for r in range(args.rounds + 1):
         for name, (model, ctrl, extra) in models.items():
             step = None if ctrl is None else ctrl.step
-            t = train(model, data, 1, r, extra=extra, on_step=step, fused=fused)
+            t = train(model, data, 1, r, extra=extra, on_step=step, optimizer=args.optimizer)
             if r:  # round 0 warms up
                 secs[name].append(t)
     print("| model | fastest epoch (s) | median epoch (s) | median ratio to dense, same round |")
@@ -273,8 +273,9 @@ def main() -> None:
                         default=[0.1, 1.0])  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15, help="time: epochs per model")
-    parser.add_argument("--optimizer", choices=["default", "fused"], default="default",
-                        help="time: torch's Adam as it comes, or fused=True")  # fmt: skip
+    parser.add_argument("--optimizer", choices=["default", "foreach", "fused"],
+                        default="default", help="time: torch's Adam as it comes, "
+                        "foreach=True or fused=True")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"mlp": run_mlp, "lenet": run_lenet, "time": run_time}[args.what](args)
