@@ -358,14 +358,15 @@ class _GatedRecords(torch.autograd.Function):
         if scale != 1.0:
             w.mul_(scale)
         d = torch.sub(r, 1.0)
-        l2 = torch.dot(p, d * d)
-        ctx.save_for_backward(r, s, z, p, d, w0)
+        d2 = d * d
+        l2 = torch.dot(p, d2)
+        ctx.save_for_backward(r, s, z, p, d, d2, w0)
         ctx.slope, ctx.scale, ctx.fixed = (zeta - gamma) / beta, scale, fixed
         return w, l2, p.sum()
 
     @staticmethod
     def backward(ctx, g_w, g_l2, g_expected):  # type: ignore[override]
-        r, s, z, p, d, w0 = ctx.saved_tensors
+        r, s, z, p, d, d2, w0 = ctx.saved_tensors
         a = torch.mul(g_w, w0).mul_(r)  # d loss / d z
         if ctx.scale != 1.0:
             a.mul_(ctx.scale)
@@ -377,7 +378,7 @@ class _GatedRecords(torch.autograd.Function):
         q = torch.rsub(p, 1.0).mul_(p)  # d p / d log_alpha
         if g_l2 is not None:
             du.add_(torch.mul(p, d).mul_(r).mul_(2.0 * g_l2))
-            dla.add_(torch.mul(d, d).mul_(g_l2).mul_(q))
+            dla.add_(torch.mul(d2, g_l2).mul_(q))
         if g_expected is not None:
             dla.add_(q.mul_(g_expected))
         if ctx.fixed is not None:

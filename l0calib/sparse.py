@@ -47,9 +47,10 @@ def _index_type(m: sp.csr_matrix) -> type:
 
 def _csr_arrays(m: sp.csr_matrix, dtype: torch.dtype) -> tuple[np.ndarray, ...]:
     itype = _index_type(m)
-    data = m.data.astype(np.float64)
-    values = data.astype(_NUMPY[dtype]) if dtype in _NUMPY else data
-    return m.indptr.astype(itype), m.indices.astype(itype), values
+    # Straight to the working dtype, without copies of arrays already in it: a float64
+    # intermediate would cost 8 bytes per non-zero at the peak.
+    values = m.data.astype(_NUMPY.get(dtype, np.float64), copy=False)
+    return m.indptr.astype(itype, copy=False), m.indices.astype(itype, copy=False), values
 
 
 def _csr_tensor(
