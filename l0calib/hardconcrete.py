@@ -30,7 +30,7 @@ See ``docs/hardconcrete.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -42,7 +42,7 @@ from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
 from l0calib.noise import logistic_from_uniform, logistic_noise
 
-__all__ = ["HardConcrete"]
+__all__ = ["HardConcrete", "rsample_jointly"]
 
 TestGate = Literal["paper", "median"]
 _TEST_GATES = ("paper", "median")
@@ -177,9 +177,13 @@ class HardConcrete(nn.Module):
         # Caches keyed by everything they depend on (never saved): the global indices and a
         # block of seeded noise, (key, first draw, noise of shape (draws, *shape)).
         self._index_cache: tuple[tuple, torch.Tensor] | None = None
-        self._noise_cache: tuple[tuple, int, torch.Tensor] | None = None
+        self._noise_cache: tuple[tuple, int, tuple[torch.Tensor, ...]] | None = None
         # Number of training draws taken so far: the counter of the seeded noise stream.
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
+        # The counter as a Python int, valid while ``draws`` is the tensor this module last
+        # put there, unmodified since (load_state_dict copies into it in place, which bumps
+        # its version): (tensor, version, count).
+        self._draw_seen: tuple[torch.Tensor, int, int] | None = None
         self.reset_parameters(init_std=init_std)
 
     # ------------------------------------------------------------------ parameters
@@ -205,7 +209,7 @@ class HardConcrete(nn.Module):
                 self.log_alpha.copy_(mean + init_std * u)
             else:
                 self.log_alpha.normal_(mean, init_std, generator=self.generator)
-            self.draws.zero_()
+            self._buffers["draws"] = torch.zeros_like(self._buffers["draws"])
 
     def _counter_normal(self) -> torch.Tensor:
         # Logistic noise scaled to unit variance: a deterministic, index-keyed jitter.
@@ -236,7 +240,7 @@ class HardConcrete(nn.Module):
 
     def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.seed is not None:
-            return self._seeded_noise(int(self.draws), dtype)
+            return self._seeded_noise(self._draw_count(), dtype)
         gen = self.generator
         dev = gen.device if gen is not None else self.log_alpha.device
         u = torch.rand(self.shape, generator=gen, device=dev, dtype=torch.float64)
@@ -246,17 +250,37 @@ class HardConcrete(nn.Module):
 
     def _seeded_noise(self, draw: int, dtype: torch.dtype) -> torch.Tensor:
         """Noise of training draw ``draw`` (counter-based: the same whichever block it
-        was computed in)."""
-        idx = self._global_index()
-        key = (self.seed, dtype, idx.device, self.index_offset, tuple(self.shape))
+        was computed in). A row of a cached block is shared: callers must not write to it."""
+        log_alpha = self.log_alpha
+        key = (self.seed, dtype, log_alpha.device, self.index_offset, log_alpha.shape)
         cache = self._noise_cache
         if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
+            idx = self._global_index()
             count = min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // idx.numel())
             if count <= 1:  # one draw at a time: nothing to keep
                 return logistic_noise(self.seed, draw, idx, dtype=dtype).reshape(self.shape)
             block = logistic_noise(self.seed, draw, idx, dtype=dtype, count=count)
-            cache = self._noise_cache = (key, draw, block.reshape(count, *self.shape))
+            # The rows as views made once: handing one out is then free of tensor ops.
+            cache = self._noise_cache = (key, draw, block.reshape(count, *self.shape).unbind(0))
         return cache[2][draw - cache[1]]
+
+    def _draw_count(self) -> int:
+        """The draw counter ``draws`` as a Python int (read without a tensor op while the
+        buffer is the one :meth:`_advance_draws` set)."""
+        buf, seen = self._buffers["draws"], self._draw_seen
+        if seen is not None and seen[0] is buf and seen[1] == buf._version:
+            return seen[2]
+        count = int(buf)
+        self._draw_seen = (buf, buf._version, count)
+        return count
+
+    def _advance_draws(self) -> None:
+        count = self._draw_count() + 1
+        # Rebind rather than add in place, so a state_dict() taken earlier keeps its count
+        # (straight into _buffers: nn.Module.__setattr__ costs more than the rest).
+        new = torch.scalar_tensor(count, dtype=torch.int64, device=self._buffers["draws"].device)
+        self._buffers["draws"] = new
+        self._draw_seen = (new, new._version, count)
 
     # ------------------------------------------------------------------ gates
     def forward(self) -> torch.Tensor:
@@ -281,7 +305,7 @@ class HardConcrete(nn.Module):
         """
         log_alpha = self._work()
         if u is None:
-            noise = self.next_noise()
+            noise = self._take_noise()  # only read below
         else:
             if u.shape != self.shape:
                 raise ParameterError(f"u must have shape {tuple(self.shape)}, got {tuple(u.shape)}")
@@ -297,15 +321,16 @@ class HardConcrete(nn.Module):
         dtype promoted to at least float32), advancing the draw counter: :meth:`rsample`
         is ``clamp(gamma + (zeta - gamma) * sigmoid((noise + log_alpha) / beta), 0, 1)``
         of it. The tensor is new: the caller may overwrite it."""
-        noise = self._noise(self._work().dtype)
+        noise = self._take_noise()
         cache = self._noise_cache
-        if cache is not None and noise.untyped_storage().data_ptr() == (
-            cache[2].untyped_storage().data_ptr()
-        ):
+        if cache is not None and noise._base is not None and noise._base is cache[2][0]._base:
             noise = noise.clone()  # a row of the cached block of draws
-        # Rebind rather than add in place, so a state_dict() taken earlier keeps its
-        # count (straight into _buffers: nn.Module.__setattr__ costs more than the add).
-        self._buffers["draws"] = self.draws + 1
+        return noise
+
+    def _take_noise(self) -> torch.Tensor:
+        # The next draw's noise, possibly a shared row of the cached block (read only).
+        noise = self._noise(self._work().dtype)
+        self._advance_draws()
         return noise
 
     @torch.no_grad()
@@ -381,6 +406,14 @@ class HardConcrete(nn.Module):
             across processes when this module holds one shard of the gates
             (:mod:`l0calib.distributed`); ``goal`` then counts every shard's gates.
         """
+        log_alpha = self.log_alpha
+        if (
+            reduce is None and mask is None and log_alpha.device.type == "cpu"
+            and log_alpha.dtype in _WORK_DTYPES and log_alpha.numel() <= _NUMPY_SHIFT_MAX
+        ):  # fmt: skip
+            # A network layer's few hundred gates, every training step: numpy only, on a
+            # view of log_alpha (the per-op overhead of torch is most of the cost here).
+            return self._shift_numpy(float(goal))
         x = self._work() if mask is None else self._work()[mask]
 
         def total(values: list[float], op: str = "sum") -> list[float]:
@@ -397,20 +430,9 @@ class HardConcrete(nn.Module):
         c = self._count_shift()
         xd = x.detach()
         if size <= _NUMPY_SHIFT_MAX and x.device.type == "cpu":
-            # A network layer's few hundred gates, every training step: numpy in float64
-            # (chosen by the total size, so every shard of a small problem takes this path).
-            xs = xd.numpy().astype(np.float64)
-            buf, sq = np.empty_like(xs), np.empty_like(xs)  # p and p^2, reused every step
-
-            def sums(b: float) -> list[float]:
-                np.subtract(c + b, xs, out=buf)
-                with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
-                    np.exp(buf, out=buf)
-                np.add(buf, 1.0, out=buf)
-                np.reciprocal(buf, out=buf)
-                np.multiply(buf, buf, out=sq)
-                return total([float(buf.sum()), float(sq.sum()), float(sq @ buf)])
-
+            # Few gates in all (chosen by the total size, so every shard of a small problem
+            # takes this path): numpy in float64.
+            sums = _numpy_sums(xd.numpy().astype(np.float64), c, total)
         elif x.device.type == "cpu":
             # Millions of gates: probabilities in the gates' own precision (at least
             # float32) in one buffer reused by every Newton step (no allocation per step),
@@ -447,6 +469,24 @@ class HardConcrete(nn.Module):
         self.log_alpha.sub_(b)
         return b
 
+    def _shift_numpy(self, goal: float) -> float:
+        # shift_to_expected for a small float32/float64 CPU log_alpha without a mask: the
+        # same solver, sums in float64 by numpy, the shift subtracted through a numpy view
+        # (same rounding as torch's sub_) with autograd's version counter bumped by hand.
+        view = self.log_alpha.detach().numpy()
+        size = float(view.size)
+        if not 0.0 <= goal <= size:
+            raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
+        if size == 0 or self.stretch == 0:
+            return 0.0
+        c = self._count_shift()
+        xs = view.astype(np.float64).ravel()
+        sums = _numpy_sums(xs, c, None)
+        b = _solve_shift(sums, goal, size, float(xs.min()) - c - 50.0, float(xs.max()) - c + 50.0)
+        view -= b
+        torch.autograd.graph.increment_version(self.log_alpha)
+        return b
+
     @torch.no_grad()
     def get_num_active(self) -> int:
         """Number of test-time gates that are non-zero."""
@@ -468,6 +508,71 @@ class HardConcrete(nn.Module):
             f"{dims}, temperature={self.temperature:.4g}, stretch={self.stretch:.4g}, "
             f"init_mean={self.init_mean:.4g}, test_gate={self.test_gate!r}"
         )
+
+
+def rsample_jointly(modules: Sequence[HardConcrete]) -> list[torch.Tensor]:
+    """``[m.rsample() for m in modules]``, computed in one pass when it can be.
+
+    Each module takes the noise of its own next draw (its stream advances by one). When the
+    modules share temperature, stretch, device and working dtype, their gates are
+    concatenated and sampled by one chain of operations: a network's layers have a few
+    hundred gates each, where every tensor operation costs its fixed overhead (this is how
+    :class:`l0calib.nn.SparseMLP` samples its layers' gates). The samples then equal those
+    of the modules sampled one by one to rounding, not always bit for bit: torch's CPU
+    kernels compute the last few elements of a tensor on a scalar path that may round the
+    last bit differently from the vectorised one, and concatenation moves those elements.
+    The result is deterministic all the same.
+
+    Parameters
+    ----------
+    modules : sequence of HardConcrete
+
+    Returns
+    -------
+    list of torch.Tensor
+        One sample per module, of its gates' shape and dtype.
+    """
+    modules = list(modules)
+    if len(modules) < 2:
+        return [m.rsample() for m in modules]
+    works = [m._work() for m in modules]
+    first = modules[0]
+    if any(
+        m.temperature != first.temperature or m.stretch != first.stretch
+        or w.device != works[0].device or w.dtype != works[0].dtype
+        for m, w in zip(modules, works, strict=True)
+    ):  # fmt: skip
+        return [m.rsample() for m in modules]
+    noise = torch.cat([m._take_noise().reshape(-1) for m in modules])
+    log_alpha = torch.cat([w.reshape(-1) for w in works])
+    s = torch.sigmoid(noise.add_(log_alpha).div_(first.temperature))
+    z = F.hardtanh(torch.add(first._gamma, s, alpha=first.zeta - first.gamma), 0.0, 1.0)
+    out = []
+    for m, part in zip(modules, z.split([w.numel() for w in works]), strict=True):
+        part = part.view(m.shape)
+        out.append(part if part.dtype == m.log_alpha.dtype else part.to(m.log_alpha.dtype))
+    return out
+
+
+def _numpy_sums(
+    xs: np.ndarray, c: float, total: Callable[[list[float]], list[float]] | None
+) -> Callable[[float], list[float]]:
+    """``sums(b) = [sum p, sum p^2, sum p^3]`` with ``p = sigmoid(xs - c - b)``, in float64
+    over the float64 array ``xs`` (two buffers reused by every call), combined across
+    processes by ``total`` when given."""
+    buf, sq = np.empty_like(xs), np.empty_like(xs)
+
+    def sums(b: float) -> list[float]:
+        np.subtract(c + b, xs, out=buf)
+        with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
+            np.exp(buf, out=buf)
+        np.add(buf, 1.0, out=buf)
+        np.reciprocal(buf, out=buf)
+        np.multiply(buf, buf, out=sq)
+        values = [float(buf.sum()), float(sq.sum()), float(sq @ buf)]
+        return values if total is None else total(values)
+
+    return sums
 
 
 def _solve_shift(

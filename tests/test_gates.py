@@ -293,6 +293,25 @@ def test_shift_to_expected_hits_the_goal(n: int, dtype: torch.dtype) -> None:
         g.shift_to_expected(n + 1.0)
 
 
+def test_small_shift_through_numpy_equals_the_torch_path() -> None:
+    # Few gates without a mask take numpy end to end (a view of log_alpha); the masked call
+    # below with every gate selected takes the general path with torch's sub_.
+    for dtype in (torch.float32, torch.float64):
+        a = HardConcrete(700, 2, seed=3, init_std=2.0, dtype=dtype)
+        b = HardConcrete(700, 2, seed=3, init_std=2.0, dtype=dtype)
+        for goal in (100.0, 1000.0, 1399.0):
+            assert a.shift_to_expected(goal) == b.shift_to_expected(
+                goal, torch.ones(700, 2, dtype=torch.bool)
+            )
+            assert torch.equal(a.log_alpha, b.log_alpha)
+    # The write through numpy still counts as an in-place change for autograd.
+    g = HardConcrete(50, seed=0)
+    p = (g.log_alpha**2).sum()  # saves log_alpha for its backward
+    g.shift_to_expected(10.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        p.backward()
+
+
 # ---------------------------------------------------------------------------- FeatureGate
 def _sparse_regression(seed: int, n: int = 300, p: int = 500, k: int = 10) -> tuple:
     rng = np.random.default_rng(seed)

@@ -203,6 +203,54 @@ def test_seeded_draws_follow_the_counter_across_noise_blocks() -> None:
     assert torch.equal(b.sample(), got[draws - 3])
 
 
+def test_draw_counter_survives_state_dict_round_trips() -> None:
+    # The counter is read as a Python int between steps; a state_dict taken earlier keeps
+    # its count, and a load (in place) or a reset is seen at once.
+    a = HardConcrete(30, seed=2)
+    for _ in range(3):
+        a.sample()
+    early = a.state_dict()
+    a.sample()
+    assert int(early["draws"]) == 3
+    assert int(a.draws) == 4
+    a.load_state_dict(early)
+    assert int(a.draws) == 3
+    expected = a.sample()
+    a.load_state_dict(early)
+    assert torch.equal(a.sample(), expected)
+    a.reset_parameters()
+    assert int(a.draws) == 0
+
+
+def test_rsample_jointly_equals_one_by_one() -> None:
+    import copy
+
+    from l0calib.hardconcrete import rsample_jointly
+
+    mods = [
+        HardConcrete(n, temperature=0.5, seed=i, init_std=1.0) for i, n in enumerate((40, 17, 3))
+    ]
+    mods.append(HardConcrete(2, 3, temperature=0.5, seed=9, init_std=1.0))  # a 2-d gate
+    same = copy.deepcopy(mods)
+    for _ in range(70):  # across a block of cached noise
+        joint = rsample_jointly(mods)
+        alone = [m.rsample() for m in same]
+        for z, ref in zip(joint, alone, strict=True):
+            assert z.shape == ref.shape
+            # to rounding: torch's scalar tail loop may round the last bit differently
+            torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-7)
+        sum(((z - 0.3) ** 2).sum() for z in joint).backward()
+        sum(((z - 0.3) ** 2).sum() for z in alone).backward()
+    for m, ref in zip(mods, same, strict=True):
+        assert int(m.draws) == int(ref.draws) == 70
+        torch.testing.assert_close(m.log_alpha.grad, ref.log_alpha.grad, rtol=1e-5, atol=1e-6)
+    # Modules that cannot share one chain are sampled one by one: then bit for bit equal.
+    odd = [HardConcrete(5, temperature=0.5, seed=1), HardConcrete(5, temperature=0.3, seed=2)]
+    ref = copy.deepcopy(odd)
+    for z, r in zip(rsample_jointly(odd), [m.rsample() for m in ref], strict=True):
+        assert torch.equal(z, r)
+
+
 def test_external_uniforms_are_used() -> None:
     hc = HardConcrete(3, temperature=0.5, seed=0)
     with torch.no_grad():

@@ -175,6 +175,28 @@ def test_adding_l2_does_not_stop_pruning() -> None:
     assert with_l2 >= without
 
 
+def test_sparse_mlp_samples_its_gates_jointly_as_layer_by_layer() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = SparseMLP(20, (16, 8), 3, seed=5)
+    layered = copy.deepcopy(model)
+    x = torch.randn(7, 20)
+    for _ in range(3):
+        out = model(x)
+        h = x
+        for module in layered.layers:
+            h = module(h)
+        torch.testing.assert_close(out, h, rtol=1e-5, atol=1e-6)
+        out.square().sum().backward()
+        h.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), layered.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()
+    layered.eval()
+    assert torch.equal(model(x), layered.layers(x))
+
+
 def test_sparsity_controller_holds_the_target_while_training() -> None:
     x, y = _digits()
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from torch import nn
 
 from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
-from l0calib.hardconcrete import HardConcrete, TestGate
+from l0calib.hardconcrete import HardConcrete, TestGate, rsample_jointly
 
 __all__ = ["L0Conv2d", "L0DepthwiseConv2d", "L0Layer", "L0Linear", "SparseMLP"]
 
@@ -186,9 +186,13 @@ class L0Linear(L0Layer):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ (W * z).T + b``; ``x`` of shape (..., in_features)."""
-        z = self._gate().to(x.dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ (W * z).T + b``; ``x`` of shape (..., in_features).
+
+        ``gate``: the gates ``z`` to use (shape of ``self.gates``), e.g. from
+        :func:`l0calib.hardconcrete.rsample_jointly`; by default the layer draws its own
+        (training) or takes the test-time gates (eval)."""
+        z = (self._gate() if gate is None else gate).to(x.dtype)
         if self.structured and x.requires_grad:
             return F.linear(x * z, self.weight, self.bias)
         # Gating the weight columns gives the same product; when the input needs no
@@ -287,12 +291,14 @@ class L0Conv2d(L0Layer):
             fan_in = self.weight[0].numel()
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution with every output channel (bias included) times its gate."""
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution with every output channel (bias included) times its gate
+        (``gate``: the gates to use, as for :meth:`L0Linear.forward`)."""
         out = F.conv2d(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
-        return out * self._gate().to(out.dtype)[None, :, None, None]
+        z = self._gate() if gate is None else gate
+        return out * z.to(out.dtype)[None, :, None, None]
 
     def group_sizes(self) -> torch.Tensor:
         """Filter size (+1 for the bias) per output channel."""
@@ -389,5 +395,16 @@ class SparseMLP(nn.Module):
         self.layers = nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (batch, output_dim); ``x`` is flattened after the batch axis."""
-        return self.layers(x.flatten(1))
+        """Logits, shape (batch, output_dim); ``x`` is flattened after the batch axis.
+
+        In training mode the gates of all layers are drawn together
+        (:func:`l0calib.hardconcrete.rsample_jointly`: the same samples as layer by layer,
+        in one chain of operations)."""
+        x = x.flatten(1)
+        l0 = [m for m in self.layers if isinstance(m, L0Layer)]
+        if not all(m.gates.training for m in l0):
+            return self.layers(x)
+        gates = iter(rsample_jointly([m.gates for m in l0]))
+        for module in self.layers:
+            x = module(x, next(gates)) if isinstance(module, L0Layer) else module(x)
+        return x
