@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
 from l0calib.noise import logistic_from_uniform, logistic_noise
 
-__all__ = ["HardConcrete", "rsample_jointly"]
+__all__ = ["HardConcrete", "rsample_jointly", "share_log_alpha", "shift_jointly"]
 
 TestGate = Literal["paper", "median"]
 _TEST_GATES = ("paper", "median")
@@ -173,6 +173,7 @@ class HardConcrete(nn.Module):
         self.index_offset = index_offset
 
         shape = (input_dim,) if output_dim is None else (input_dim, output_dim)
+        self._gate_shape, self._n_gates = torch.Size(shape), math.prod(shape)
         self.log_alpha = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         # Caches keyed by everything they depend on (never saved): the global indices and a
         # block of seeded noise, (key, first draw, noise of shape (draws, *shape)).
@@ -184,7 +185,21 @@ class HardConcrete(nn.Module):
         # put there, unmodified since (load_state_dict copies into it in place, which bumps
         # its version): (tensor, version, count).
         self._draw_seen: tuple[torch.Tensor, int, int] | None = None
+        # Set by share_log_alpha: (owner module, parameter name, offset) when the logits
+        # are a slice of a parameter that several modules share.
+        self._shared: tuple[nn.Module, str, int] | None = None
         self.reset_parameters(init_std=init_std)
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module keeps parameters in a dict and serves them from __getattr__; a module
+        # whose logits live in a shared parameter serves a view of its slice instead.
+        if name == "log_alpha":
+            shared = self.__dict__.get("_shared")
+            if shared is not None:
+                owner, key, start = shared
+                bank = owner._parameters[key]
+                return bank[start : start + self._n_gates].view(self._gate_shape)
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -218,7 +233,7 @@ class HardConcrete(nn.Module):
         return (noise * (math.sqrt(3) / math.pi)).reshape(self.log_alpha.shape)
 
     def _global_index(self) -> torch.Tensor:
-        n, device = self.log_alpha.numel(), self.log_alpha.device
+        n, device = self._n_gates, self._logits().device
         key = (n, device, self.index_offset)
         if self._index_cache is None or self._index_cache[0] != key:
             self._index_cache = (key, torch.arange(n, device=device) + self.index_offset)
@@ -227,7 +242,15 @@ class HardConcrete(nn.Module):
     @property
     def shape(self) -> torch.Size:
         """Shape of the gate tensor: ``(input_dim,)`` or ``(input_dim, output_dim)``."""
-        return self.log_alpha.shape
+        return self._gate_shape
+
+    def _logits(self) -> nn.Parameter:
+        # The parameter holding the logits (this module's own, or the shared one), for its
+        # dtype and device without making a view.
+        shared = self._shared
+        if shared is None:
+            return self._parameters["log_alpha"]
+        return shared[0]._parameters[shared[1]]
 
     def _work(self) -> torch.Tensor:
         # Half-precision logits are upcast so the sampling arithmetic cannot overflow.
@@ -241,18 +264,17 @@ class HardConcrete(nn.Module):
     def _noise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.seed is not None:
             return self._seeded_noise(self._draw_count(), dtype)
-        gen = self.generator
-        dev = gen.device if gen is not None else self.log_alpha.device
+        gen, device = self.generator, self._logits().device
+        dev = gen.device if gen is not None else device
         u = torch.rand(self.shape, generator=gen, device=dev, dtype=torch.float64)
         # logit(u) with u clamped into [_EPS, 1 - _EPS]: the logistic noise, in one op.
-        noise = torch.logit(u, eps=_EPS).to(device=self.log_alpha.device)
+        noise = torch.logit(u, eps=_EPS).to(device=device)
         return noise if noise.dtype == dtype else noise.to(dtype)
 
     def _seeded_noise(self, draw: int, dtype: torch.dtype) -> torch.Tensor:
         """Noise of training draw ``draw`` (counter-based: the same whichever block it
         was computed in). A row of a cached block is shared: callers must not write to it."""
-        log_alpha = self.log_alpha
-        key = (self.seed, dtype, log_alpha.device, self.index_offset, log_alpha.shape)
+        key = (self.seed, dtype, self._logits().device, self.index_offset, self._gate_shape)
         cache = self._noise_cache
         if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
             idx = self._global_index()
@@ -329,7 +351,8 @@ class HardConcrete(nn.Module):
 
     def _take_noise(self) -> torch.Tensor:
         # The next draw's noise, possibly a shared row of the cached block (read only).
-        noise = self._noise(self._work().dtype)
+        dtype = self._logits().dtype
+        noise = self._noise(dtype if dtype in _WORK_DTYPES else torch.float32)
         self._advance_draws()
         return noise
 
@@ -406,14 +429,10 @@ class HardConcrete(nn.Module):
             across processes when this module holds one shard of the gates
             (:mod:`l0calib.distributed`); ``goal`` then counts every shard's gates.
         """
-        log_alpha = self.log_alpha
-        if (
-            reduce is None and mask is None and log_alpha.device.type == "cpu"
-            and log_alpha.dtype in _WORK_DTYPES and log_alpha.numel() <= _NUMPY_SHIFT_MAX
-        ):  # fmt: skip
+        if reduce is None and mask is None and _small_cpu(self):
             # A network layer's few hundred gates, every training step: numpy only, on a
             # view of log_alpha (the per-op overhead of torch is most of the cost here).
-            return self._shift_numpy(float(goal))
+            return _shift_small([self], [float(goal)])[0]
         x = self._work() if mask is None else self._work()[mask]
 
         def total(values: list[float], op: str = "sum") -> list[float]:
@@ -469,24 +488,6 @@ class HardConcrete(nn.Module):
         self.log_alpha.sub_(b)
         return b
 
-    def _shift_numpy(self, goal: float) -> float:
-        # shift_to_expected for a small float32/float64 CPU log_alpha without a mask: the
-        # same solver, sums in float64 by numpy, the shift subtracted through a numpy view
-        # (same rounding as torch's sub_) with autograd's version counter bumped by hand.
-        view = self.log_alpha.detach().numpy()
-        size = float(view.size)
-        if not 0.0 <= goal <= size:
-            raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
-        if size == 0 or self.stretch == 0:
-            return 0.0
-        c = self._count_shift()
-        xs = view.astype(np.float64).ravel()
-        sums = _numpy_sums(xs, c, None)
-        b = _solve_shift(sums, goal, size, float(xs.min()) - c - 50.0, float(xs.max()) - c + 50.0)
-        view -= b
-        torch.autograd.graph.increment_version(self.log_alpha)
-        return b
-
     @torch.no_grad()
     def get_num_active(self) -> int:
         """Number of test-time gates that are non-zero."""
@@ -495,7 +496,7 @@ class HardConcrete(nn.Module):
     @torch.no_grad()
     def get_sparsity(self) -> float:
         """Fraction of test-time gates that are exactly zero, in [0, 1]."""
-        return 1.0 - self.get_num_active() / self.log_alpha.numel()
+        return 1.0 - self.get_num_active() / self._n_gates
 
     def extra_repr(self) -> str:
         """Summary shown by ``repr(module)``."""
@@ -535,23 +536,159 @@ def rsample_jointly(modules: Sequence[HardConcrete]) -> list[torch.Tensor]:
     modules = list(modules)
     if len(modules) < 2:
         return [m.rsample() for m in modules]
-    works = [m._work() for m in modules]
     first = modules[0]
-    if any(
-        m.temperature != first.temperature or m.stretch != first.stretch
-        or w.device != works[0].device or w.dtype != works[0].dtype
-        for m, w in zip(modules, works, strict=True)
-    ):  # fmt: skip
+    if any(m.temperature != first.temperature or m.stretch != first.stretch for m in modules):
         return [m.rsample() for m in modules]
+    log_alpha = _shared_run(modules)  # a SparseMLP's logits: already one tensor
+    if log_alpha is None or log_alpha.dtype not in _WORK_DTYPES:
+        works = [m._work() for m in modules]
+        if len({(w.device, w.dtype) for w in works}) > 1:
+            return [m.rsample() for m in modules]
+        log_alpha = torch.cat([w.reshape(-1) for w in works])
     noise = torch.cat([m._take_noise().reshape(-1) for m in modules])
-    log_alpha = torch.cat([w.reshape(-1) for w in works])
     s = torch.sigmoid(noise.add_(log_alpha).div_(first.temperature))
     z = F.hardtanh(torch.add(first._gamma, s, alpha=first.zeta - first.gamma), 0.0, 1.0)
     out = []
-    for m, part in zip(modules, z.split([w.numel() for w in works]), strict=True):
-        part = part.view(m.shape)
-        out.append(part if part.dtype == m.log_alpha.dtype else part.to(m.log_alpha.dtype))
+    for m, part in zip(modules, z.split([m._n_gates for m in modules]), strict=True):
+        if part.shape != m.shape:
+            part = part.view(m.shape)
+        dtype = m._logits().dtype
+        out.append(part if part.dtype == dtype else part.to(dtype))
     return out
+
+
+def share_log_alpha(
+    modules: Sequence[HardConcrete], owner: nn.Module, name: str = "gate_log_alpha"
+) -> nn.Parameter:
+    """Move the logits of ``modules`` into one parameter ``owner.<name>``, concatenated in
+    order (flattened); each module's ``log_alpha`` becomes a view of its slice.
+
+    Nothing else changes (values, noise streams, draw counters), but an optimiser then
+    sees one gate tensor instead of one per module, and :func:`rsample_jointly` and the
+    penalties of :mod:`l0calib.nn` read the logits without concatenating them every step.
+    ``owner.state_dict()`` holds the logits under ``name``; the modules' ``log_alpha``
+    entries go. :class:`l0calib.nn.SparseMLP` does this for its layers.
+
+    Parameters
+    ----------
+    modules : sequence of HardConcrete
+        Each with its own ``log_alpha`` (not already shared), all of one dtype and device.
+    owner : nn.Module
+        The module that registers the shared parameter (usually the modules' ancestor, so
+        that ``owner.to(...)`` converts it).
+    name : str, default "gate_log_alpha"
+
+    Returns
+    -------
+    nn.Parameter
+        The shared logits, shape ``(sum of the modules' gate counts,)``.
+    """
+    modules = list(modules)
+    if not modules:
+        raise ParameterError("no modules to share log_alpha between")
+    if any(m._shared is not None for m in modules):
+        raise ParameterError("a module's log_alpha is already shared")
+    own = [m._parameters["log_alpha"] for m in modules]
+    if len({(t.dtype, t.device) for t in own}) > 1:
+        raise ParameterError("the modules' log_alpha differ in dtype or device")
+    bank = nn.Parameter(torch.cat([t.detach().reshape(-1) for t in own]))
+    owner.register_parameter(name, bank)
+    start = 0
+    for m in modules:
+        del m._parameters["log_alpha"]
+        # Straight into __dict__: the owner is not a submodule of its own modules.
+        m.__dict__["_shared"] = (owner, name, start)
+        start += m._n_gates
+    return bank
+
+
+def _shared_run(modules: Sequence[HardConcrete]) -> torch.Tensor | None:
+    # The modules' logits as one slice of their shared parameter, when they are
+    # consecutive slices of one (else None).
+    first = modules[0]._shared
+    if first is None:
+        return None
+    owner, key, start = first
+    end = start
+    for m in modules:
+        shared = m._shared
+        if shared is None or shared[0] is not owner or shared[1] != key or shared[2] != end:
+            return None
+        end += m._n_gates
+    bank = owner._parameters[key]
+    return bank if start == 0 and end == bank.numel() else bank[start:end]
+
+
+def _small_cpu(m: HardConcrete) -> bool:
+    la = m.log_alpha
+    return (
+        la.device.type == "cpu" and la.dtype in _WORK_DTYPES and la.is_contiguous()
+        and la.numel() <= _NUMPY_SHIFT_MAX
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> list[float]:
+    """``[m.shift_to_expected(g) for m, g in zip(modules, goals)]``: each module's own
+    shift, computed together for small CPU gates (a network's layers, every training step:
+    one numpy pass over all their gates gives every module's first Newton step)."""
+    modules, goals = list(modules), [float(g) for g in goals]
+    if len(modules) != len(goals):
+        raise ParameterError(f"got {len(modules)} modules and {len(goals)} goals")
+    if all(_small_cpu(m) for m in modules):
+        return _shift_small(modules, goals)
+    return [m.shift_to_expected(g) for m, g in zip(modules, goals, strict=True)]
+
+
+def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]:
+    # shift_to_expected for small float32/float64 contiguous CPU gates without a mask: the
+    # same solver, sums in float64 by numpy, the first evaluation (at shift 0) for all
+    # modules in one pass, the shift subtracted through a numpy view of log_alpha (the
+    # same rounding as torch's sub_) with autograd's version counter bumped by hand.
+    views = [m.log_alpha.detach().numpy().reshape(-1) for m in modules]
+    sizes = [v.size for v in views]
+    for goal, size in zip(goals, sizes, strict=True):
+        if not 0.0 <= goal <= size:
+            raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
+    xs = np.concatenate(views, dtype=np.float64) if len(views) > 1 else views[0].astype(np.float64)
+    cs = [m._count_shift() if m.stretch else 0.0 for m in modules]
+    # p and p^2 at shift 0 for every gate at once (each module's own c).
+    p, sq = np.empty_like(xs), np.empty_like(xs)
+    _fill_probs(xs, np.repeat(cs, sizes) if len(set(cs)) > 1 else cs[0], p, sq)
+    shifts, start = [], 0
+    for m, goal, view, c in zip(modules, goals, views, cs, strict=True):
+        lo, hi, start = start, start + view.size, start + view.size
+        if view.size == 0 or m.stretch == 0:
+            shifts.append(0.0)
+            continue
+        known, sums = _moments(p[lo:hi], sq[lo:hi]), _numpy_sums(xs[lo:hi], c, None)
+
+        def first_then(b: float, sums=sums, known=known) -> list[float]:
+            return known if b == 0.0 else sums(b)
+
+        own = xs[lo:hi]
+        b = _solve_shift(
+            first_then, goal, float(view.size), float(own.min()) - c - 50.0,
+            float(own.max()) - c + 50.0,
+        )  # fmt: skip
+        view -= b
+        torch.autograd.graph.increment_version(m.log_alpha)
+        shifts.append(b)
+    return shifts
+
+
+def _fill_probs(xs: np.ndarray, cb: float | np.ndarray, buf: np.ndarray, sq: np.ndarray) -> None:
+    # buf = sigmoid(xs - cb) and sq = buf^2, in place (float64).
+    np.subtract(cb, xs, out=buf)
+    with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
+        np.exp(buf, out=buf)
+    np.add(buf, 1.0, out=buf)
+    np.reciprocal(buf, out=buf)
+    np.multiply(buf, buf, out=sq)
+
+
+def _moments(p: np.ndarray, sq: np.ndarray) -> list[float]:
+    return [float(p.sum()), float(sq.sum()), float(sq @ p)]
 
 
 def _numpy_sums(
@@ -563,13 +700,8 @@ def _numpy_sums(
     buf, sq = np.empty_like(xs), np.empty_like(xs)
 
     def sums(b: float) -> list[float]:
-        np.subtract(c + b, xs, out=buf)
-        with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
-            np.exp(buf, out=buf)
-        np.add(buf, 1.0, out=buf)
-        np.reciprocal(buf, out=buf)
-        np.multiply(buf, buf, out=sq)
-        values = [float(buf.sum()), float(sq.sum()), float(sq @ buf)]
+        _fill_probs(xs, c + b, buf, sq)
+        values = _moments(buf, sq)
         return values if total is None else total(values)
 
     return sums

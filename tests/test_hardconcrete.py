@@ -251,6 +251,30 @@ def test_rsample_jointly_equals_one_by_one() -> None:
         assert torch.equal(z, r)
 
 
+def test_share_log_alpha_keeps_values_and_streams() -> None:
+    import copy
+
+    from torch import nn
+
+    from l0calib.hardconcrete import share_log_alpha
+
+    mods = [HardConcrete(4, seed=1, init_std=1.0), HardConcrete(2, 3, seed=2, init_std=1.0)]
+    alone = copy.deepcopy(mods)
+    owner = nn.Module()
+    owner.gates = nn.ModuleList(mods)
+    bank = share_log_alpha(mods, owner)
+    assert [n for n, _ in owner.named_parameters()] == ["gate_log_alpha"]
+    for m, ref in zip(mods, alone, strict=True):
+        assert torch.equal(m.log_alpha, ref.log_alpha)
+        assert torch.equal(m.sample(), ref.sample())  # same noise stream
+    assert "gates.1.draws" in owner.state_dict()
+    with pytest.raises(ParameterError, match="already shared"):
+        share_log_alpha(mods, owner, "again")
+    with pytest.raises(ParameterError, match="dtype or device"):
+        share_log_alpha([HardConcrete(2), HardConcrete(2, dtype=torch.float64)], nn.Module())
+    assert bank.numel() == 10
+
+
 def test_external_uniforms_are_used() -> None:
     hc = HardConcrete(3, temperature=0.5, seed=0)
     with torch.no_grad():

@@ -197,6 +197,40 @@ def test_sparse_mlp_samples_its_gates_jointly_as_layer_by_layer() -> None:
     assert torch.equal(model(x), layered.layers(x))
 
 
+def test_sparse_mlp_keeps_its_gate_logits_in_one_parameter() -> None:
+    import copy
+
+    model = SparseMLP(12, (10, 6), 3, seed=1)
+    bank = model.gate_log_alpha
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("log_alpha" in n for n in names) == 1
+    assert bank.shape == (12 + 10 + 6,)
+    first = model.layers[0].gates.log_alpha
+    assert first.shape == (12,)
+    assert first.data_ptr() == bank.data_ptr()  # a view, not a copy
+    with torch.no_grad():
+        model.layers[2].gates.log_alpha.fill_(3.0)  # writes through to the shared parameter
+    assert torch.all(bank[12:22] == 3.0)
+    # Old per-layer state_dicts still load; the state survives deepcopy and dtype moves.
+    state = model.state_dict()
+    old = {k: v for k, v in state.items() if k != "gate_log_alpha"}
+    for i, (a, b) in zip((0, 2, 4), ((0, 12), (12, 22), (22, 28)), strict=True):
+        old[f"layers.{i}.gates.log_alpha"] = state["gate_log_alpha"][a:b].clone()
+    other = SparseMLP(12, (10, 6), 3, seed=2)
+    other.load_state_dict(old)
+    assert torch.equal(other.gate_log_alpha, bank)
+    twin = copy.deepcopy(model).double()
+    assert twin.layers[4].gates.log_alpha.dtype == torch.float64
+    assert torch.equal(twin.layers[4].gates.log_alpha, bank[22:].double())
+    assert twin.gate_log_alpha.data_ptr() != bank.data_ptr()
+    # one gate tensor for the optimiser, with every layer's gradient in it
+    x = torch.randn(5, 12)
+    model(x).square().sum().backward()
+    assert bank.grad is not None
+    assert bank.grad.shape == bank.shape
+    assert all(bool(bank.grad[a:b].abs().sum() > 0) for a, b in ((0, 12), (12, 22), (22, 28)))
+
+
 def test_sparsity_controller_holds_the_target_while_training() -> None:
     x, y = _digits()
     torch.manual_seed(0)
@@ -230,7 +264,7 @@ def test_lagrangian_mode_raises_its_multiplier_above_target() -> None:
     assert ctrl.step() == pytest.approx(ctrl.start - 0.25, abs=1e-6)
     penalty = ctrl.penalty()
     penalty.backward()
-    grads = model.layers[0].gates.log_alpha.grad
+    grads = model.gate_log_alpha.grad  # every layer's logits: one shared parameter
     assert torch.all(grads > 0)  # descending closes gates
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from l0calib._checks import finite, positive_int
 from l0calib.exceptions import ParameterError
-from l0calib.hardconcrete import HardConcrete, TestGate, rsample_jointly
+from l0calib.hardconcrete import HardConcrete, TestGate, rsample_jointly, share_log_alpha
 
 __all__ = ["L0Conv2d", "L0DepthwiseConv2d", "L0Layer", "L0Linear", "SparseMLP"]
 
@@ -367,7 +367,12 @@ class SparseMLP(nn.Module):
         Layer ``i``'s gates are seeded with ``seed + i``.
 
     The layers are ``self.layers`` (an ``nn.Sequential``), so :func:`prune_model` can cut
-    whole neurons out of it.
+    whole neurons out of it. The gate logits of all layers are one parameter,
+    ``gate_log_alpha`` (each layer's ``gates.log_alpha`` is a view of its slice,
+    :func:`l0calib.hardconcrete.share_log_alpha`), and in training mode one chain of
+    operations draws every layer's gates: a few hundred gates per layer make the fixed
+    cost of each tensor operation, and of each parameter an optimiser updates, the
+    larger part of their cost.
     """
 
     def __init__(
@@ -393,6 +398,21 @@ class SparseMLP(nn.Module):
             if i < len(dims) - 2:
                 modules.append(nn.ReLU())
         self.layers = nn.Sequential(*modules)
+        share_log_alpha([m.gates for m in modules if isinstance(m, L0Layer)], self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # A state_dict saved before the logits were shared has one entry per layer.
+        key = prefix + "gate_log_alpha"
+        old = [
+            k
+            for k in state_dict
+            if k.startswith(prefix + "layers.") and k.endswith(".gates.log_alpha")
+        ]
+        if key not in state_dict and old:
+            order = {k: i for i, k in enumerate(self.state_dict(keep_vars=True))}
+            old.sort(key=lambda k: order.get(k.replace(".log_alpha", ".draws"), len(order)))
+            state_dict[key] = torch.cat([state_dict.pop(k).reshape(-1) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, output_dim); ``x`` is flattened after the batch axis.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from l0calib._checks import finite, nonneg, positive_int
 from l0calib.exceptions import ParameterError
-from l0calib.hardconcrete import HardConcrete
+from l0calib.hardconcrete import HardConcrete, _shared_run, shift_jointly
 from l0calib.nn.layers import L0Layer
 
 __all__ = [
@@ -101,7 +102,10 @@ def _active_probs(layers: list[L0Layer]) -> torch.Tensor:
     gates = [layer.gates for layer in layers]
     shifts = {g._count_shift() if g.stretch else None for g in gates}
     if len(shifts) == 1 and None not in shifts:
-        return torch.sigmoid(torch.cat([g._work().flatten() for g in gates]) - shifts.pop())
+        shared = _shared_run(gates)  # a SparseMLP's logits: already one tensor
+        if shared is None or shared.dtype not in (torch.float32, torch.float64):
+            shared = torch.cat([g._work().flatten() for g in gates])
+        return torch.sigmoid(shared - shifts.pop())
     # layers with different temperatures or stretches
     return torch.cat([g.get_active_prob().flatten() for g in gates])
 
@@ -110,19 +114,39 @@ def _group_sizes(layers: list[L0Layer]) -> torch.Tensor:
     return torch.cat([layer.group_sizes().flatten() for layer in layers])
 
 
+# Per model: the L0 cost vector ``l0_lambda * |g|`` of its gates, concatenated, with the key
+# it was made for (the layers and their shapes, the lambda, dtype and device): it is the
+# same every training step, and making it costs more tensor operations than using it.
+_COSTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _l0_costs(model: nn.Module, layers: list[L0Layer], l0_lambda: float, like: torch.Tensor):
+    key = (
+        tuple((id(m), type(m), m.weight.shape, m.bias is None, m.gates.shape) for m in layers),
+        l0_lambda, like.dtype, like.device,
+    )  # fmt: skip
+    cached = _COSTS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, _group_sizes(layers).to(like.dtype) * l0_lambda)
+        _COSTS[model] = cached
+    return cached[1]
+
+
 def _expected_penalty(model: nn.Module, l0_lambda: float, l2_lambda: float) -> torch.Tensor:
     layers = [layer for _, layer in l0_layers(model)]
     if not layers:
         return _zero(model)
-    devices = {layer.gates.log_alpha.device for layer in layers}
+    devices = {layer.gates._logits().device for layer in layers}
     if len(devices) > 1:  # a model spread over devices: layer by layer, summed on the first
-        first = layers[0].gates.log_alpha.device
+        first = layers[0].gates._logits().device
         terms = [l0_lambda * m.get_l0_penalty() + l2_lambda * m.get_l2_penalty() for m in layers]
         return sum(t.to(first) for t in terms)  # type: ignore[return-value]
     if not l2_lambda:
         # Gates alone: plain autograd through a few concatenated ops is the cheaper way.
         p = _active_probs(layers)
-        return torch.dot(p, _group_sizes(layers).to(p.dtype) * l0_lambda)
+        return torch.dot(p, _l0_costs(model, layers, l0_lambda, p))
     tensors = [layer.gates.log_alpha for layer in layers]
     tensors += [param for layer in layers for param, _ in layer.gated_parameters()]
     return _ExpectedPenalty.apply(layers, float(l0_lambda), float(l2_lambda), *tensors)
@@ -174,7 +198,9 @@ def paper_penalty(
     ``lambda / N`` scaling with ``N = 60,000`` (Louizos et al. 2017, section 4.1).
     """
     positive_int("n_train", n_train)
-    return compute_l0l2_penalty(model, l0_lambda=l0_lambda, l2_lambda=l2_lambda) / n_train
+    nonneg("l0_lambda", l0_lambda)
+    nonneg("l2_lambda", l2_lambda)
+    return _expected_penalty(model, l0_lambda / n_train, l2_lambda / n_train)
 
 
 @torch.no_grad()
@@ -203,10 +229,16 @@ def get_active_parameter_count(model: nn.Module) -> int:
     """Parameters an eval forward really uses: every non-L0 parameter, plus the gated
     parameters of open gates and the L0 layers' ungated biases (gate logits excluded)."""
     count = 0
+    # gate logits are not used by an eval forward, also where several modules share them
+    logits = {
+        id(m._shared[0]._parameters[m._shared[1]])
+        for m in model.modules()
+        if isinstance(m, HardConcrete) and m._shared is not None
+    }
     for module in model.modules():
-        own = dict(module.named_parameters(recurse=False))
+        own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) not in logits}
         if isinstance(module, HardConcrete):
-            continue  # gate logits are not used by an eval forward
+            continue
         if isinstance(module, L0Layer):
             sizes = module.group_sizes().double()
             count += int((sizes * module.open_gates().cpu()).sum())
@@ -322,11 +354,9 @@ class SparsityController:
     def _project(self, goal: float) -> float:
         # Each layer is held at the goal density on its own: one shared shift lets the
         # layers with the smallest gradients (often the last hidden layer) collapse.
-        shift = 0.0
-        for layer in self.layers:
-            g = layer.gates
-            shift += g.shift_to_expected(goal * g.log_alpha.numel())
-        return shift / len(self.layers)
+        gates = [layer.gates for layer in self.layers]
+        shifts = shift_jointly(gates, [goal * g.log_alpha.numel() for g in gates])
+        return sum(shifts) / len(shifts)
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (for checkpoints)."""
