@@ -620,10 +620,10 @@ def _shared_run(modules: Sequence[HardConcrete]) -> torch.Tensor | None:
 
 
 def _small_cpu(m: HardConcrete) -> bool:
-    la = m.log_alpha
+    la = m._logits()  # a shared parameter is 1-d: its slices are contiguous if it is
     return (
         la.device.type == "cpu" and la.dtype in _WORK_DTYPES and la.is_contiguous()
-        and la.numel() <= _NUMPY_SHIFT_MAX
+        and m._n_gates <= _NUMPY_SHIFT_MAX
     )  # fmt: skip
 
 
@@ -641,47 +641,58 @@ def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> li
 
 
 def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]:
-    # shift_to_expected for small float32/float64 contiguous CPU gates without a mask: the
-    # same solver, sums in float64 by numpy, the first evaluation (at shift 0) for all
-    # modules in one pass, the shift subtracted through a numpy view of log_alpha (the
-    # same rounding as torch's sub_) with autograd's version counter bumped by hand.
-    views = [m.log_alpha.detach().numpy().reshape(-1) for m in modules]
-    sizes = [v.size for v in views]
-    for goal, size in zip(goals, sizes, strict=True):
-        if not 0.0 <= goal <= size:
-            raise ParameterError(f"goal must be in [0, {size:g}], got {goal!r}")
-    xs = np.concatenate(views, dtype=np.float64) if len(views) > 1 else views[0].astype(np.float64)
-    cs = [m._count_shift() if m.stretch else 0.0 for m in modules]
-    # p and p^2 at shift 0 for every gate at once (each module's own c).
+    # shift_to_expected for small float32/float64 contiguous CPU gates without a mask, for
+    # several modules at once: numpy only, on views of the logits made from their
+    # parameters (a shared parameter once; views of log_alpha would cost tensor
+    # operations). The sums at shift 0 of every module come from one pass over all gates;
+    # a module whose quadratic step provably meets the tolerance from them (the usual
+    # case after an optimiser step) is done, the others go through _solve_shift. The shift
+    # is subtracted through the numpy view (the same rounding as torch's sub_) and
+    # autograd's version counter bumped by hand.
+    params: dict[int, tuple[nn.Parameter, np.ndarray]] = {}
+    views = []
+    for m in modules:
+        param = m._logits()
+        if id(param) not in params:
+            params[id(param)] = (param, param.detach().numpy().reshape(-1))
+        start = 0 if m._shared is None else m._shared[2]
+        views.append(params[id(param)][1][start : start + m._n_gates])
+    for goal, view in zip(goals, views, strict=True):
+        if not 0.0 <= goal <= view.size:
+            raise ParameterError(f"goal must be in [0, {view.size:g}], got {goal!r}")
+    live = [i for i, (m, v) in enumerate(zip(modules, views, strict=True)) if v.size and m.stretch]
+    shifts = [0.0] * len(modules)
+    if not live:
+        return shifts
+    sizes = [views[i].size for i in live]
+    xs = np.concatenate([views[i] for i in live], dtype=np.float64)
+    cs = [modules[i]._count_shift() for i in live]
     p, sq = np.empty_like(xs), np.empty_like(xs)
-    _fill_probs(xs, np.repeat(cs, sizes) if len(set(cs)) > 1 else cs[0], p, sq)
-    shifts, start = [], 0
-    for m, goal, view, c in zip(modules, goals, views, cs, strict=True):
-        lo, hi, start = start, start + view.size, start + view.size
-        if view.size == 0 or m.stretch == 0:
-            shifts.append(0.0)
-            continue
-        known, sums = _moments(p[lo:hi], sq[lo:hi]), _numpy_sums(xs[lo:hi], c, None)
-
-        def first_then(b: float, sums=sums, known=known) -> list[float]:
-            return known if b == 0.0 else sums(b)
-
-        own = xs[lo:hi]
-        b = _solve_shift(
-            first_then, goal, float(view.size), float(own.min()) - c - 50.0,
-            float(own.max()) - c + 50.0,
-        )  # fmt: skip
-        view -= b
-        torch.autograd.graph.increment_version(m.log_alpha)
-        shifts.append(b)
+    _fill_probs(xs, cs[0] if len(set(cs)) == 1 else np.repeat(cs, sizes), p, sq)
+    starts = np.cumsum([0, *sizes[:-1]])
+    s1, s2 = np.add.reduceat(p, starts), np.add.reduceat(sq, starts)
+    s3 = np.add.reduceat(np.multiply(sq, p, out=sq), starts)
+    for j, i in enumerate(live):
+        size, goal = sizes[j], goals[i]
+        b = _first_step(float(s1[j]), float(s2[j]), float(s3[j]), goal, size)
+        if b is None:
+            own = xs[starts[j] : starts[j] + size]
+            b = _solve_shift(
+                _numpy_sums(own, cs[j], None), goal, size, float(own.min()) - cs[j] - 50.0,
+                float(own.max()) - cs[j] + 50.0,
+            )  # fmt: skip
+        views[i] -= b
+        shifts[i] = b
+    for param, _ in params.values():
+        torch.autograd.graph.increment_version(param)  # views share its version counter
     return shifts
 
 
 def _fill_probs(xs: np.ndarray, cb: float | np.ndarray, buf: np.ndarray, sq: np.ndarray) -> None:
     # buf = sigmoid(xs - cb) and sq = buf^2, in place (float64).
     np.subtract(cb, xs, out=buf)
-    with np.errstate(over="ignore"):  # exp overflows to inf: p is then 0
-        np.exp(buf, out=buf)
+    np.minimum(buf, 700.0, out=buf)  # exp stays finite: p >= 1e-304 instead of 0
+    np.exp(buf, out=buf)
     np.add(buf, 1.0, out=buf)
     np.reciprocal(buf, out=buf)
     np.multiply(buf, buf, out=sq)
@@ -705,6 +716,36 @@ def _numpy_sums(
         return values if total is None else total(values)
 
     return sums
+
+
+def _quadratic_step(f: float, s1: float, s2: float, s3: float) -> tuple[float, float | None]:
+    # f' and the root nearest 0 of the quadratic model f + f' h + f'' h^2 / 2 (None if the
+    # model has none or f' >= 0), from the sums [s1, s2, s3] of p, p^2, p^3.
+    d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3
+    disc = d1 * d1 - 2.0 * d2 * f
+    if d1 < 0 and disc >= 0:
+        return d1, -2.0 * f / (d1 - math.sqrt(disc))
+    return d1, None
+
+
+def _model_error(f: float, s1: float, s2: float, s3: float, h: float, size: float) -> float:
+    # Bound on |f(b + h)|: the model's residual plus size |h|^3 / 48 (the third
+    # derivative of the sigmoid is at most 1/8 in size).
+    d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3
+    return abs(f + d1 * h + 0.5 * d2 * h * h) + size * abs(h) ** 3 / 48.0
+
+
+def _first_step(s1: float, s2: float, s3: float, goal: float, size: float) -> float | None:
+    """The shift from the sums at shift 0 alone, when it provably meets _solve_shift's
+    tolerance (0, or the quadratic model's step); else None."""
+    tol = 1e-6 * max(goal, 1.0)
+    f = s1 - goal
+    if abs(f) <= tol:
+        return 0.0
+    _, h = _quadratic_step(f, s1, s2, s3)
+    if h is not None and _model_error(f, s1, s2, s3, h, size) <= tol:
+        return h
+    return None
 
 
 def _solve_shift(
@@ -733,16 +774,12 @@ def _solve_shift(
             lo = b
         else:
             hi = b
-        d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3  # f' (< 0) and f''
+        d1, h = _quadratic_step(f, s1, s2, s3)  # f' (< 0) and the model's step
         step = None
-        disc = d1 * d1 - 2.0 * d2 * f
-        if d1 < 0 and disc >= 0:
-            h = -2.0 * f / (d1 - math.sqrt(disc))  # the model's root nearest b
-            if lo < b + h < hi:
-                model = f + d1 * h + 0.5 * d2 * h * h
-                if abs(model) + size * abs(h) ** 3 / 48.0 <= tol:
-                    return b + h
-                step = b + h
+        if h is not None and lo < b + h < hi:
+            if _model_error(f, s1, s2, s3, h, size) <= tol:
+                return b + h
+            step = b + h
         if step is None and d1 < 0:
             step = b - f / d1
         b = step if step is not None and lo < step < hi else 0.5 * (lo + hi)

@@ -355,7 +355,7 @@ class SparsityController:
         # Each layer is held at the goal density on its own: one shared shift lets the
         # layers with the smallest gradients (often the last hidden layer) collapse.
         gates = [layer.gates for layer in self.layers]
-        shifts = shift_jointly(gates, [goal * g.log_alpha.numel() for g in gates])
+        shifts = shift_jointly(gates, [goal * g._n_gates for g in gates])
         return sum(shifts) / len(shifts)
 
     def state_dict(self) -> dict[str, Any]:
