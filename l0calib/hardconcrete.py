@@ -29,6 +29,7 @@ See ``docs/hardconcrete.md``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -640,6 +641,64 @@ def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> li
     return [m.shift_to_expected(g) for m, g in zip(modules, goals, strict=True)]
 
 
+# The layout of the last run of shared logits _shift_shared solved for: (key, (counts,
+# indicator of each module's slice, count shifts)). A network's controller asks for the
+# same layout every training step.
+_LAYOUT: list[Any] = [None, None]
+
+
+def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float] | None:
+    # _shift_small for modules whose logits are consecutive slices of one shared parameter
+    # (a SparseMLP): the numpy pass reads the parameter's slice without copying it, the
+    # per-module sums come from one matrix product with a cached indicator, and the shifts
+    # are subtracted in one operation. None when the modules are not such a run.
+    first = modules[0]._shared
+    if first is None:
+        return None
+    owner, key, start = first
+    end = start
+    for m in modules:
+        if m._shared is None or m._shared[0] is not owner or m._shared[1] != key:
+            return None
+        if m._shared[2] != end or not m.stretch:
+            return None
+        end += m._n_gates
+    param = owner._parameters[key]
+    src = param.detach().numpy()[start:end]
+    counts = [m._n_gates for m in modules]
+    for goal, count in zip(goals, counts, strict=True):
+        if not 0.0 <= goal <= count:
+            raise ParameterError(f"goal must be in [0, {count:g}], got {goal!r}")
+    cs = [m._count_shift() for m in modules]
+    layout_key = (tuple(map(id, modules)), tuple(counts), tuple(cs))
+    if _LAYOUT[0] != layout_key:
+        indicator = np.zeros((end - start, len(modules)))
+        for j, (a, b) in enumerate(itertools.pairwise(np.cumsum([0, *counts]))):
+            indicator[a:b, j] = 1.0
+        c = cs[0] if len(set(cs)) == 1 else np.repeat(cs, counts)
+        _LAYOUT[:] = [layout_key, (indicator, c)]
+    indicator, c = _LAYOUT[1]
+    powers = np.empty((3, end - start))  # p, p^2, p^3 of every gate at shift 0
+    _fill_probs(src, c, powers[0], powers[1])
+    np.multiply(powers[1], powers[0], out=powers[2])
+    sums = powers @ indicator
+    shifts, lo = [], 0
+    for j, (goal, count) in enumerate(zip(goals, counts, strict=True)):
+        b = _first_step(float(sums[0, j]), float(sums[1, j]), float(sums[2, j]), goal, count)
+        if b is None:
+            own = src[lo : lo + count].astype(np.float64)
+            b = _solve_shift(
+                _numpy_sums(own, cs[j], None), goal, count, float(own.min()) - cs[j] - 50.0,
+                float(own.max()) - cs[j] + 50.0,
+            )  # fmt: skip
+        shifts.append(b)
+        lo += count
+    # Each slice minus its own shift cast to the logits' dtype: what sub_(b) does.
+    src -= np.repeat(np.array(shifts, dtype=src.dtype), counts)
+    torch.autograd.graph.increment_version(param)
+    return shifts
+
+
 def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]:
     # shift_to_expected for small float32/float64 contiguous CPU gates without a mask, for
     # several modules at once: numpy only, on views of the logits made from their
@@ -649,6 +708,9 @@ def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]
     # case after an optimiser step) is done, the others go through _solve_shift. The shift
     # is subtracted through the numpy view (the same rounding as torch's sub_) and
     # autograd's version counter bumped by hand.
+    shared = _shift_shared(modules, goals)
+    if shared is not None:
+        return shared
     params: dict[int, tuple[nn.Parameter, np.ndarray]] = {}
     views = []
     for m in modules:
@@ -690,7 +752,7 @@ def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]
 
 def _fill_probs(xs: np.ndarray, cb: float | np.ndarray, buf: np.ndarray, sq: np.ndarray) -> None:
     # buf = sigmoid(xs - cb) and sq = buf^2, in place (float64).
-    np.subtract(cb, xs, out=buf)
+    np.subtract(cb, xs, out=buf, dtype=np.float64)  # xs may be float32: exact in float64
     np.minimum(buf, 700.0, out=buf)  # exp stays finite: p >= 1e-304 instead of 0
     np.exp(buf, out=buf)
     np.add(buf, 1.0, out=buf)

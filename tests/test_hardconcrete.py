@@ -275,6 +275,36 @@ def test_share_log_alpha_keeps_values_and_streams() -> None:
     assert bank.numel() == 10
 
 
+def test_shift_jointly_equals_one_by_one_shared_or_not() -> None:
+    import copy
+
+    from torch import nn
+
+    from l0calib.hardconcrete import share_log_alpha, shift_jointly
+
+    def make() -> list[HardConcrete]:
+        return [HardConcrete(n, seed=i, init_std=2.0, temperature=t)
+                for i, (n, t) in enumerate(((300, 0.5), (40, 0.5), (7, 0.3)))]  # fmt: skip
+
+    alone, joint, shared = make(), make(), make()
+    owner = nn.Module()
+    owner.gates = nn.ModuleList(shared)
+    share_log_alpha(shared, owner)
+    for goals in ([30.0, 20.0, 3.5], [31.0, 19.0, 3.6], [250.0, 1.0, 6.9]):  # small, large moves
+        ref = [m.shift_to_expected(g) for m, g in zip(alone, goals, strict=True)]
+        for mods in (joint, shared):
+            got = shift_jointly(mods, goals)
+            assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
+            for m, r, g in zip(mods, alone, goals, strict=True):
+                torch.testing.assert_close(m.log_alpha, r.log_alpha, rtol=1e-6, atol=1e-6)
+                assert float(m.get_active_prob().detach().double().sum()) == pytest.approx(g, rel=1e-6)
+    with pytest.raises(ParameterError, match="goal must be in"):
+        shift_jointly(shared, [1.0, 41.0, 1.0])
+    with pytest.raises(ParameterError, match="3 modules and 2 goals"):
+        shift_jointly(shared, [1.0, 1.0])
+    copy.deepcopy(owner)  # the shared views are made on access: nothing to copy
+
+
 def test_external_uniforms_are_used() -> None:
     hc = HardConcrete(3, temperature=0.5, seed=0)
     with torch.no_grad():
