@@ -546,8 +546,12 @@ def rsample_jointly(modules: Sequence[HardConcrete]) -> list[torch.Tensor]:
         if len({(w.device, w.dtype) for w in works}) > 1:
             return [m.rsample() for m in modules]
         log_alpha = torch.cat([w.reshape(-1) for w in works])
-    noise = torch.cat([m._take_noise().reshape(-1) for m in modules])
-    s = torch.sigmoid(noise.add_(log_alpha).div_(first.temperature))
+    scaled = _joint_noise(modules, log_alpha.dtype) if log_alpha.device.type == "cpu" else None
+    if scaled is not None:  # noise / beta, read only
+        s = torch.sigmoid(torch.add(scaled, log_alpha, alpha=1.0 / first.temperature))
+    else:
+        noise = torch.cat([m._take_noise().reshape(-1) for m in modules])
+        s = torch.sigmoid(noise.add_(log_alpha).div_(first.temperature))
     z = F.hardtanh(torch.add(first._gamma, s, alpha=first.zeta - first.gamma), 0.0, 1.0)
     out = []
     for m, part in zip(modules, z.split([m._n_gates for m in modules]), strict=True):
@@ -556,6 +560,45 @@ def rsample_jointly(modules: Sequence[HardConcrete]) -> list[torch.Tensor]:
         dtype = m._logits().dtype
         out.append(part if part.dtype == dtype else part.to(dtype))
     return out
+
+
+def _joint_noise(modules: list[HardConcrete], dtype: torch.dtype) -> torch.Tensor | None:
+    # The next draw's noise of seeded modules, concatenated and divided by the temperature,
+    # advancing each module's counter: a row of a block of _NOISE_BLOCK draws computed at
+    # once (cached on the first module, with the counter tensors of those draws), so a
+    # step costs no tensor operation. None when the modules are not all seeded at the
+    # same draw count.
+    first = modules[0]
+    draw = first._draw_count()
+    if any(m.seed is None or m._draw_count() != draw for m in modules):
+        return None
+    key = (
+        tuple((id(m), m.seed, m.index_offset, m._gate_shape) for m in modules),
+        first.temperature, dtype, first._logits().device,
+    )  # fmt: skip
+    cache = first.__dict__.get("_joint_cache")
+    if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
+        count = max(1, min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // sum(m._n_gates for m in modules)))
+        block = torch.cat(
+            [logistic_noise(m.seed, draw, m._global_index(), dtype=dtype, count=count)
+             .reshape(count, -1) for m in modules], dim=1,
+        ).div_(first.temperature)  # fmt: skip
+        device = first._buffers["draws"].device
+        counters = [
+            [
+                torch.scalar_tensor(d + 1, dtype=torch.int64, device=device)
+                for d in range(draw, draw + count)
+            ]
+            for _ in modules
+        ]
+        cache = (key, draw, block.unbind(0), counters)
+        first.__dict__["_joint_cache"] = cache
+    k = draw - cache[1]
+    for m, counters in zip(modules, cache[3], strict=True):
+        new = counters[k]
+        m._buffers["draws"] = new
+        m._draw_seen = (new, new._version, draw + 1)
+    return cache[2][k]
 
 
 def share_log_alpha(

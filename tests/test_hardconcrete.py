@@ -297,7 +297,9 @@ def test_shift_jointly_equals_one_by_one_shared_or_not() -> None:
             assert got == pytest.approx(ref, rel=1e-9, abs=1e-9)
             for m, r, g in zip(mods, alone, goals, strict=True):
                 torch.testing.assert_close(m.log_alpha, r.log_alpha, rtol=1e-6, atol=1e-6)
-                assert float(m.get_active_prob().detach().double().sum()) == pytest.approx(g, rel=1e-6)
+                assert float(m.get_active_prob().detach().double().sum()) == pytest.approx(
+                    g, rel=1e-6
+                )
     with pytest.raises(ParameterError, match="goal must be in"):
         shift_jointly(shared, [1.0, 41.0, 1.0])
     with pytest.raises(ParameterError, match="3 modules and 2 goals"):
