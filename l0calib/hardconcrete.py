@@ -671,7 +671,6 @@ def _small_cpu(m: HardConcrete) -> bool:
     )  # fmt: skip
 
 
-@torch.no_grad()
 def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> list[float]:
     """``[m.shift_to_expected(g) for m, g in zip(modules, goals)]``: each module's own
     shift, computed together for small CPU gates (a network's layers, every training step:

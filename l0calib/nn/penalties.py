@@ -342,14 +342,14 @@ class SparsityController:
             return torch.zeros(())
         return self.lam * (self.density() - self.target)
 
-    @torch.no_grad()
     def step(self) -> float:
         """Call after each optimiser step. Returns ``lam`` (lagrangian) or the shift."""
         self.steps += 1
         if self.mode == "lagrangian":
-            self.lam = max(0.0, self.lam + self.lr * float(self.density() - self.target))
+            with torch.no_grad():
+                self.lam = max(0.0, self.lam + self.lr * float(self.density() - self.target))
             return self.lam
-        return self._project(self.goal())
+        return self._project(self.goal())  # builds no graph: numpy, or shift_to_expected
 
     def _project(self, goal: float) -> float:
         # Each layer is held at the goal density on its own: one shared shift lets the
