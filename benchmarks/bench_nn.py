@@ -27,9 +27,10 @@ time: seconds per training epoch of the MLP, dense against L0 (seeded gates: cou
 noise, reproducible anywhere) with nothing but the gates, L0 with unseeded gates (torch's
 generator), L0 + the fixed penalty of the mlp runs (paper_penalty, lambda 0.1 / N) and L0
 with the SparsityController stepping after every minibatch (the mlp runs' target mode).
-The models train in turns, one epoch each per round, so a change in the machine's load hits
-all alike; reported are the median over rounds of each model's epoch time divided by the
-dense epoch of the same round, and the fastest epoch of each. --optimizer picks torch's Adam
+The models train in turns, one epoch each per round (each with its own Adam, kept from
+round to round as in one training run), so a change in the machine's load hits all alike;
+reported are the median over rounds of each model's epoch time divided by the dense epoch
+of the same round, and the fastest epoch of each. --optimizer picks torch's Adam
 as it comes (default: a Python loop over the parameters on CPU), foreach (multi-tensor
 operations) or fused (one kernel per parameter), for every model alike.
 """
@@ -84,14 +85,19 @@ def lenet(l0: bool, seed: int) -> nn.Module:
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), fc1, nn.ReLU(), fc2)  # fmt: skip
 
 
-def train(model, data, epochs, seed, extra=None, on_step=None, optimizer="default"):
-    xtr, ytr, _, _ = data
-    g = torch.Generator().manual_seed(seed)
+def make_optimizer(model, optimizer="default"):
     gates = [p for n, p in model.named_parameters() if n.endswith("log_alpha")]
     others = [p for n, p in model.named_parameters() if not n.endswith("log_alpha")]
     groups = [{"params": others}] + ([{"params": gates, "lr": GATE_LR}] if gates else [])
     kind = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer]
-    opt = torch.optim.Adam(groups, lr=1e-3, **kind)
+    return torch.optim.Adam(groups, lr=1e-3, **kind)
+
+
+def train(model, data, epochs, seed, extra=None, on_step=None, optimizer="default", opt=None):
+    """Train for ``epochs`` (with ``opt``, or a new Adam); returns the mean epoch time (s)."""
+    xtr, ytr, _, _ = data
+    g = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, optimizer) if opt is None else opt
     times = []
     for _ in range(epochs):
         model.train()
@@ -234,12 +240,13 @@ def run_time(args) -> None:
         def penalty(m=model):
             return paper_penalty(m, 4000, l0_lambda=0.1)
 
-        models[name] = (model, ctrl, penalty if "penalty" in name else None)
+        opt = make_optimizer(model, args.optimizer)  # one per model: a continuing run
+        models[name] = (model, ctrl, penalty if "penalty" in name else None, opt)
     secs = {name: [] for name in models}
     for r in range(args.rounds + 1):
-        for name, (model, ctrl, extra) in models.items():
+        for name, (model, ctrl, extra, opt) in models.items():
             step = None if ctrl is None else ctrl.step
-            t = train(model, data, 1, r, extra=extra, on_step=step, optimizer=args.optimizer)
+            t = train(model, data, 1, r, extra=extra, on_step=step, opt=opt)
             if r:  # round 0 warms up
                 secs[name].append(t)
     print("| model | fastest epoch (s) | median epoch (s) | median ratio to dense, same round |")
