@@ -219,6 +219,9 @@ def test_sparse_mlp_keeps_its_gate_logits_in_one_parameter() -> None:
     other = SparseMLP(12, (10, 6), 3, seed=2)
     other.load_state_dict(old)
     assert torch.equal(other.gate_log_alpha, bank)
+    nested = nn.Sequential(SparseMLP(12, (10, 6), 3, seed=3))  # under a prefix, keys reversed
+    nested.load_state_dict({f"0.{k}": old[k] for k in reversed(list(old))})
+    assert torch.equal(nested[0].gate_log_alpha, bank)
     twin = copy.deepcopy(model).double()
     assert twin.layers[4].gates.log_alpha.dtype == torch.float64
     assert torch.equal(twin.layers[4].gates.log_alpha, bank[22:].double())

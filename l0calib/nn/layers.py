@@ -409,7 +409,7 @@ class SparseMLP(nn.Module):
             if k.startswith(prefix + "layers.") and k.endswith(".gates.log_alpha")
         ]
         if key not in state_dict and old:
-            order = {k: i for i, k in enumerate(self.state_dict(keep_vars=True))}
+            order = {prefix + k: i for i, k in enumerate(self.state_dict(keep_vars=True))}
             old.sort(key=lambda k: order.get(k.replace(".log_alpha", ".draws"), len(order)))
             state_dict[key] = torch.cat([state_dict.pop(k).reshape(-1) for k in old])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
