@@ -180,6 +180,9 @@ class HardConcrete(nn.Module):
         # block of seeded noise, (key, first draw, noise of shape (draws, *shape)).
         self._index_cache: tuple[tuple, torch.Tensor] | None = None
         self._noise_cache: tuple[tuple, int, tuple[torch.Tensor, ...]] | None = None
+        # rsample_jointly's block of concatenated noise when this module leads the list:
+        # (key, first draw, rows, the counter tensors of those draws per module).
+        self._joint_cache: tuple[tuple, int, tuple[torch.Tensor, ...], list] | None = None
         # Number of training draws taken so far: the counter of the seeded noise stream.
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
         # The counter as a Python int, valid while ``draws`` is the tensor this module last
@@ -297,11 +300,14 @@ class HardConcrete(nn.Module):
         self._draw_seen = (buf, buf._version, count)
         return count
 
-    def _advance_draws(self) -> None:
+    def _advance_draws(self, new: torch.Tensor | None = None) -> None:
+        # ``new``: a ready-made counter tensor holding the next count (rsample_jointly).
         count = self._draw_count() + 1
+        if new is None:
+            device = self._buffers["draws"].device
+            new = torch.scalar_tensor(count, dtype=torch.int64, device=device)
         # Rebind rather than add in place, so a state_dict() taken earlier keeps its count
         # (straight into _buffers: nn.Module.__setattr__ costs more than the rest).
-        new = torch.scalar_tensor(count, dtype=torch.int64, device=self._buffers["draws"].device)
         self._buffers["draws"] = new
         self._draw_seen = (new, new._version, count)
 
@@ -576,7 +582,7 @@ def _joint_noise(modules: list[HardConcrete], dtype: torch.dtype) -> torch.Tenso
         tuple((id(m), m.seed, m.index_offset, m._gate_shape) for m in modules),
         first.temperature, dtype, first._logits().device,
     )  # fmt: skip
-    cache = first.__dict__.get("_joint_cache")
+    cache = first._joint_cache
     if cache is None or cache[0] != key or not 0 <= draw - cache[1] < len(cache[2]):
         count = max(1, min(_NOISE_BLOCK, _NOISE_BLOCK_ELEMENTS // sum(m._n_gates for m in modules)))
         block = torch.cat(
@@ -591,13 +597,10 @@ def _joint_noise(modules: list[HardConcrete], dtype: torch.dtype) -> torch.Tenso
             ]
             for _ in modules
         ]
-        cache = (key, draw, block.unbind(0), counters)
-        first.__dict__["_joint_cache"] = cache
+        cache = first._joint_cache = (key, draw, block.unbind(0), counters)
     k = draw - cache[1]
     for m, counters in zip(modules, cache[3], strict=True):
-        new = counters[k]
-        m._buffers["draws"] = new
-        m._draw_seen = (new, new._version, draw + 1)
+        m._advance_draws(counters[k])
     return cache[2][k]
 
 

@@ -115,17 +115,19 @@ def _group_sizes(layers: list[L0Layer]) -> torch.Tensor:
 
 
 # Per model: the L0 cost vector ``l0_lambda * |g|`` of its gates, concatenated, with the key
-# it was made for (the layers and their shapes, the lambda, dtype and device): it is the
-# same every training step, and making it costs more tensor operations than using it.
+# it was made for (the layers, which the model keeps alive, their gate shapes, the lambda,
+# dtype and device): it is the same every training step, and making it costs more tensor
+# operations than using it.
 _COSTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _l0_costs(model: nn.Module, layers: list[L0Layer], l0_lambda: float, like: torch.Tensor):
+def _l0_costs(
+    model: nn.Module, layers: list[L0Layer], l0_lambda: float, like: torch.Tensor
+) -> torch.Tensor:
     key = (
-        tuple((id(m), type(m), m.weight.shape, m.bias is None, m.gates.shape) for m in layers),
-        l0_lambda, like.dtype, like.device,
+        tuple((id(m), m.gates.shape) for m in layers), l0_lambda, like.dtype, like.device,
     )  # fmt: skip
     cached = _COSTS.get(model)
     if cached is None or cached[0] != key:
