@@ -194,6 +194,13 @@ class HardConcrete(nn.Module):
         self._shared: tuple[nn.Module, str, int] | None = None
         self.reset_parameters(init_std=init_std)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles and deep copies leave the caches behind (rebuilt on first use).
+        state = super().__getstate__()
+        for key in ("_index_cache", "_noise_cache", "_joint_cache", "_draw_seen"):
+            state[key] = None
+        return state
+
     def __getattr__(self, name: str) -> Any:
         # nn.Module keeps parameters in a dict and serves them from __getattr__; a module
         # whose logits live in a shared parameter serves a view of its slice instead.

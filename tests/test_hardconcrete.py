@@ -307,6 +307,25 @@ def test_shift_jointly_equals_one_by_one_shared_or_not() -> None:
     copy.deepcopy(owner)  # the shared views are made on access: nothing to copy
 
 
+def test_copies_and_pickles_leave_the_noise_caches_behind() -> None:
+    import copy
+    import io
+
+    from l0calib.hardconcrete import rsample_jointly
+
+    mods = [HardConcrete(300, seed=1), HardConcrete(100, seed=2)]
+    rsample_jointly(mods)
+    mods[0].sample()
+    twin = copy.deepcopy(mods)
+    assert twin[0]._noise_cache is None
+    assert twin[0]._joint_cache is None
+    buf = io.BytesIO()
+    torch.save(mods[0], buf)
+    assert len(buf.getvalue()) < 20_000  # logits, counter and module state; no noise block
+    for m, t in zip(mods, twin, strict=True):
+        assert torch.equal(m.sample(), t.sample())  # same draw next, from a rebuilt cache
+
+
 def test_external_uniforms_are_used() -> None:
     hc = HardConcrete(3, temperature=0.5, seed=0)
     with torch.no_grad():
