@@ -192,7 +192,9 @@ class L0Linear(L0Layer):
         ``gate``: the gates ``z`` to use (shape of ``self.gates``), e.g. from
         :func:`l0calib.hardconcrete.rsample_jointly`; by default the layer draws its own
         (training) or takes the test-time gates (eval)."""
-        z = (self._gate() if gate is None else gate).to(x.dtype)
+        z = self._gate() if gate is None else gate
+        if z.dtype != x.dtype:
+            z = z.to(x.dtype)
         if self.structured and x.requires_grad:
             return F.linear(x * z, self.weight, self.bias)
         # Gating the weight columns gives the same product; when the input needs no
@@ -298,7 +300,9 @@ class L0Conv2d(L0Layer):
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
         z = self._gate() if gate is None else gate
-        return out * z.to(out.dtype)[None, :, None, None]
+        if z.dtype != out.dtype:
+            z = z.to(out.dtype)
+        return out * z[None, :, None, None]
 
     def group_sizes(self) -> torch.Tensor:
         """Filter size (+1 for the bias) per output channel."""
