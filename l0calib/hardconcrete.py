@@ -688,55 +688,62 @@ def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> li
     modules, goals = list(modules), [float(g) for g in goals]
     if len(modules) != len(goals):
         raise ParameterError(f"got {len(modules)} modules and {len(goals)} goals")
+    shifts = _shift_shared(modules, goals)
+    if shifts is not None:
+        return shifts
     if all(_small_cpu(m) for m in modules):
         return _shift_small(modules, goals)
     return [m.shift_to_expected(g) for m, g in zip(modules, goals, strict=True)]
 
 
-# The layout of the last run of shared logits _shift_shared solved for: (key, (counts,
-# indicator of each module's slice, count shifts)). A network's controller asks for the
-# same layout every training step.
+# What _shift_shared keeps between calls for the last run of shared logits it solved:
+# (key, (numpy view of the run, p / p^2 / p^3 buffer, indicator of each module's slice,
+# count shift per gate or one for all)). A network's controller asks for the same run
+# every training step.
 _LAYOUT: list[Any] = [None, None]
 
 
 def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float] | None:
-    # _shift_small for modules whose logits are consecutive slices of one shared parameter
-    # (a SparseMLP): the numpy pass reads the parameter's slice without copying it, the
-    # per-module sums come from one matrix product with a cached indicator, and the shifts
-    # are subtracted in one operation. None when the modules are not such a run.
+    # _shift_small for small CPU modules whose logits are consecutive slices of one shared
+    # parameter (a SparseMLP): the numpy pass reads the parameter's slice in place, the
+    # per-module sums come from one product with a cached indicator, and the shifts are
+    # subtracted in one operation. None when the modules are not such a run.
     first = modules[0]._shared
     if first is None:
         return None
     owner, key, start = first
     end = start
     for m in modules:
-        if m._shared is None or m._shared[0] is not owner or m._shared[1] != key:
+        shared = m._shared
+        if shared is None or shared[0] is not owner or shared[1] != key or shared[2] != end:
             return None
-        if m._shared[2] != end or not m.stretch:
+        if not m.stretch:
             return None
         end += m._n_gates
     param = owner._parameters[key]
-    src = param.detach().numpy()[start:end]
+    if not _small_cpu(modules[0]) or end - start > _NUMPY_SHIFT_MAX:
+        return None
     counts = [m._n_gates for m in modules]
     for goal, count in zip(goals, counts, strict=True):
         if not 0.0 <= goal <= count:
             raise ParameterError(f"goal must be in [0, {count:g}], got {goal!r}")
     cs = [m._count_shift() for m in modules]
-    layout_key = (tuple(map(id, modules)), tuple(counts), tuple(cs))
+    # The numpy view stays valid while the parameter keeps its storage (the view holds it).
+    layout_key = (tuple(map(id, modules)), id(param), param.data_ptr(), start, end, tuple(cs))
     if _LAYOUT[0] != layout_key:
         indicator = np.zeros((end - start, len(modules)))
         for j, (a, b) in enumerate(itertools.pairwise(np.cumsum([0, *counts]))):
             indicator[a:b, j] = 1.0
         c = cs[0] if len(set(cs)) == 1 else np.repeat(cs, counts)
-        _LAYOUT[:] = [layout_key, (indicator, c)]
-    indicator, c = _LAYOUT[1]
-    powers = np.empty((3, end - start))  # p, p^2, p^3 of every gate at shift 0
-    _fill_probs(src, c, powers[0], powers[1])
+        src = param.detach().numpy()[start:end]
+        _LAYOUT[:] = [layout_key, (src, np.empty((3, end - start)), indicator, c)]
+    src, powers, indicator, c = _LAYOUT[1]
+    _fill_probs(src, c, powers[0], powers[1])  # p, p^2, p^3 of every gate at shift 0
     np.multiply(powers[1], powers[0], out=powers[2])
-    sums = powers @ indicator
+    sums = (powers @ indicator).tolist()
     shifts, lo = [], 0
     for j, (goal, count) in enumerate(zip(goals, counts, strict=True)):
-        b = _first_step(float(sums[0, j]), float(sums[1, j]), float(sums[2, j]), goal, count)
+        b = _first_step(sums[0][j], sums[1][j], sums[2][j], goal, count)
         if b is None:
             own = src[lo : lo + count].astype(np.float64)
             b = _solve_shift(
@@ -760,9 +767,6 @@ def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]
     # case after an optimiser step) is done, the others go through _solve_shift. The shift
     # is subtracted through the numpy view (the same rounding as torch's sub_) and
     # autograd's version counter bumped by hand.
-    shared = _shift_shared(modules, goals)
-    if shared is not None:
-        return shared
     params: dict[int, tuple[nn.Parameter, np.ndarray]] = {}
     views = []
     for m in modules:
@@ -832,20 +836,19 @@ def _numpy_sums(
     return sums
 
 
-def _quadratic_step(f: float, s1: float, s2: float, s3: float) -> tuple[float, float | None]:
-    # f' and the root nearest 0 of the quadratic model f + f' h + f'' h^2 / 2 (None if the
-    # model has none or f' >= 0), from the sums [s1, s2, s3] of p, p^2, p^3.
+def _quadratic_step(f: float, s1: float, s2: float, s3: float) -> tuple[float, float, float | None]:
+    # f', f'' and the root nearest 0 of the quadratic model f + f' h + f'' h^2 / 2 (None if
+    # the model has none or f' >= 0), from the sums [s1, s2, s3] of p, p^2, p^3.
     d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3
     disc = d1 * d1 - 2.0 * d2 * f
     if d1 < 0 and disc >= 0:
-        return d1, -2.0 * f / (d1 - math.sqrt(disc))
-    return d1, None
+        return d1, d2, -2.0 * f / (d1 - math.sqrt(disc))
+    return d1, d2, None
 
 
-def _model_error(f: float, s1: float, s2: float, s3: float, h: float, size: float) -> float:
+def _model_error(f: float, d1: float, d2: float, h: float, size: float) -> float:
     # Bound on |f(b + h)|: the model's residual plus size |h|^3 / 48 (the third
     # derivative of the sigmoid is at most 1/8 in size).
-    d1, d2 = -(s1 - s2), s1 - 3.0 * s2 + 2.0 * s3
     return abs(f + d1 * h + 0.5 * d2 * h * h) + size * abs(h) ** 3 / 48.0
 
 
@@ -856,8 +859,8 @@ def _first_step(s1: float, s2: float, s3: float, goal: float, size: float) -> fl
     f = s1 - goal
     if abs(f) <= tol:
         return 0.0
-    _, h = _quadratic_step(f, s1, s2, s3)
-    if h is not None and _model_error(f, s1, s2, s3, h, size) <= tol:
+    d1, d2, h = _quadratic_step(f, s1, s2, s3)
+    if h is not None and _model_error(f, d1, d2, h, size) <= tol:
         return h
     return None
 
@@ -888,10 +891,10 @@ def _solve_shift(
             lo = b
         else:
             hi = b
-        d1, h = _quadratic_step(f, s1, s2, s3)  # f' (< 0) and the model's step
+        d1, d2, h = _quadratic_step(f, s1, s2, s3)  # f' (< 0), f'' and the model's step
         step = None
         if h is not None and lo < b + h < hi:
-            if _model_error(f, s1, s2, s3, h, size) <= tol:
+            if _model_error(f, d1, d2, h, size) <= tol:
                 return b + h
             step = b + h
         if step is None and d1 < 0:

@@ -312,6 +312,7 @@ class SparsityController:
         self.layers = [layer for _, layer in l0_layers(model)]
         if not self.layers:
             raise ParameterError("the model has no L0 layer")
+        self._gates = [layer.gates for layer in self.layers]
         self.target, self.lr, self.by, self.mode = target, nonneg("lr", lr), by, mode
         self.warmup = positive_int("warmup", warmup)
         self.lam = 0.0
@@ -356,7 +357,7 @@ class SparsityController:
     def _project(self, goal: float) -> float:
         # Each layer is held at the goal density on its own: one shared shift lets the
         # layers with the smallest gradients (often the last hidden layer) collapse.
-        gates = [layer.gates for layer in self.layers]
+        gates = self._gates
         shifts = shift_jointly(gates, [goal * g._n_gates for g in gates])
         return sum(shifts) / len(shifts)
 
