@@ -29,7 +29,6 @@ See ``docs/hardconcrete.md``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -697,8 +696,8 @@ def shift_jointly(modules: Sequence[HardConcrete], goals: Sequence[float]) -> li
 
 
 # What _shift_shared keeps between calls for the last run of shared logits it solved:
-# (key, (numpy view of the run, p / p^2 / p^3 buffer, indicator of each module's slice,
-# count shift per gate or one for all)). A network's controller asks for the same run
+# (key, (numpy view of the run, p / p^2 / p^3 buffer, each module's first index, count
+# shift per gate or one for all)). A network's controller asks for the same run
 # every training step.
 _LAYOUT: list[Any] = [None, None]
 
@@ -731,16 +730,16 @@ def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float
     # The numpy view stays valid while the parameter keeps its storage (the view holds it).
     layout_key = (tuple(map(id, modules)), id(param), param.data_ptr(), start, end, tuple(cs))
     if _LAYOUT[0] != layout_key:
-        indicator = np.zeros((end - start, len(modules)))
-        for j, (a, b) in enumerate(itertools.pairwise(np.cumsum([0, *counts]))):
-            indicator[a:b, j] = 1.0
+        starts = np.cumsum([0, *counts[:-1]])
         c = cs[0] if len(set(cs)) == 1 else np.repeat(cs, counts)
         src = param.detach().numpy()[start:end]
-        _LAYOUT[:] = [layout_key, (src, np.empty((3, end - start)), indicator, c)]
-    src, powers, indicator, c = _LAYOUT[1]
+        _LAYOUT[:] = [layout_key, (src, np.empty((3, end - start)), starts, c)]
+    # Inside a training loop every array touched here is out of cache (the optimiser has
+    # just streamed the weights through it), so the pass touches as little as it can.
+    src, powers, starts, c = _LAYOUT[1]
     _fill_probs(src, c, powers[0], powers[1])  # p, p^2, p^3 of every gate at shift 0
     np.multiply(powers[1], powers[0], out=powers[2])
-    sums = (powers @ indicator).tolist()
+    sums = np.add.reduceat(powers, starts, axis=1).tolist()
     shifts, lo = [], 0
     for j, (goal, count) in enumerate(zip(goals, counts, strict=True)):
         b = _first_step(sums[0][j], sums[1][j], sums[2][j], goal, count)
@@ -750,10 +749,10 @@ def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float
                 _numpy_sums(own, cs[j], None), goal, count, float(own.min()) - cs[j] - 50.0,
                 float(own.max()) - cs[j] + 50.0,
             )  # fmt: skip
+        # The slice minus its own shift cast to the logits' dtype: what sub_(b) does.
+        src[lo : lo + count] -= b
         shifts.append(b)
         lo += count
-    # Each slice minus its own shift cast to the logits' dtype: what sub_(b) does.
-    src -= np.repeat(np.array(shifts, dtype=src.dtype), counts)
     torch.autograd.graph.increment_version(param)
     return shifts
 
