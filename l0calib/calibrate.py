@@ -43,7 +43,7 @@ import torch
 from l0calib._checks import nonneg, positive_int
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
 from l0calib.exceptions import ConvergenceWarning, ParameterError, TargetError
-from l0calib.hardconcrete import HardConcrete
+from l0calib.hardconcrete import _WORK_DTYPES, HardConcrete
 from l0calib.io import atomic_path
 from l0calib.sparse import SparseOperator
 from l0calib.targets import EstimateMatrix, as_estimate_matrix
@@ -326,9 +326,6 @@ class _CsvLog:
 
 
 # ---------------------------------------------------------------------------- the engine
-_FUSED_DTYPES = (torch.float32, torch.float64)
-
-
 class _GatedRecords(torch.autograd.Function):
     """The per-record terms of a gated step, with their gradient written out::
 
@@ -496,7 +493,7 @@ class _Fit:
         g = self.gates
         return (
             g is not None and self.l2_kind == "ratio" and g.stretch > 0
-            and g.log_alpha.dtype == self.u.dtype and self.u.dtype in _FUSED_DTYPES
+            and g.log_alpha.dtype == self.u.dtype and self.u.dtype in _WORK_DTYPES
         )  # fmt: skip
 
     def _finish(

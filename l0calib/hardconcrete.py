@@ -655,9 +655,9 @@ def share_log_alpha(
     return bank
 
 
-def _shared_run(modules: Sequence[HardConcrete]) -> torch.Tensor | None:
-    # The modules' logits as one slice of their shared parameter, when they are
-    # consecutive slices of one (else None).
+def _run_bounds(modules: Sequence[HardConcrete]) -> tuple[nn.Parameter, int, int] | None:
+    # (shared parameter, start, end) when the modules' logits are consecutive slices of
+    # one shared parameter, in order (else None).
     first = modules[0]._shared
     if first is None:
         return None
@@ -668,7 +668,15 @@ def _shared_run(modules: Sequence[HardConcrete]) -> torch.Tensor | None:
         if shared is None or shared[0] is not owner or shared[1] != key or shared[2] != end:
             return None
         end += m._n_gates
-    bank = owner._parameters[key]
+    return owner._parameters[key], start, end
+
+
+def _shared_run(modules: Sequence[HardConcrete]) -> torch.Tensor | None:
+    # The modules' logits as one slice of their shared parameter (see _run_bounds).
+    run = _run_bounds(modules)
+    if run is None:
+        return None
+    bank, start, end = run
     return bank if start == 0 and end == bank.numel() else bank[start:end]
 
 
@@ -704,28 +712,16 @@ _LAYOUT: list[Any] = [None, None]
 
 def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float] | None:
     # _shift_small for small CPU modules whose logits are consecutive slices of one shared
-    # parameter (a SparseMLP): the numpy pass reads the parameter's slice in place, the
-    # per-module sums come from one product with a cached indicator, and the shifts are
-    # subtracted in one operation. None when the modules are not such a run.
-    first = modules[0]._shared
-    if first is None:
+    # parameter (a SparseMLP): the numpy pass reads the parameter's slice in place, with
+    # the view and buffers kept between calls. None when the modules are not such a run.
+    run = _run_bounds(modules)
+    if run is None or not all(m.stretch for m in modules):
         return None
-    owner, key, start = first
-    end = start
-    for m in modules:
-        shared = m._shared
-        if shared is None or shared[0] is not owner or shared[1] != key or shared[2] != end:
-            return None
-        if not m.stretch:
-            return None
-        end += m._n_gates
-    param = owner._parameters[key]
+    param, start, end = run
     if not _small_cpu(modules[0]) or end - start > _NUMPY_SHIFT_MAX:
         return None
     counts = [m._n_gates for m in modules]
-    for goal, count in zip(goals, counts, strict=True):
-        if not 0.0 <= goal <= count:
-            raise ParameterError(f"goal must be in [0, {count:g}], got {goal!r}")
+    _check_goals(goals, counts)
     cs = [m._count_shift() for m in modules]
     # The numpy view stays valid while the parameter keeps its storage (the view holds it).
     layout_key = (tuple(map(id, modules)), id(param), param.data_ptr(), start, end, tuple(cs))
@@ -737,18 +733,10 @@ def _shift_shared(modules: list[HardConcrete], goals: list[float]) -> list[float
     # Inside a training loop every array touched here is out of cache (the optimiser has
     # just streamed the weights through it), so the pass touches as little as it can.
     src, powers, starts, c = _LAYOUT[1]
-    _fill_probs(src, c, powers[0], powers[1])  # p, p^2, p^3 of every gate at shift 0
-    np.multiply(powers[1], powers[0], out=powers[2])
-    sums = np.add.reduceat(powers, starts, axis=1).tolist()
+    sums = _sums_at_zero(src, c, powers, starts)
     shifts, lo = [], 0
     for j, (goal, count) in enumerate(zip(goals, counts, strict=True)):
-        b = _first_step(sums[0][j], sums[1][j], sums[2][j], goal, count)
-        if b is None:
-            own = src[lo : lo + count].astype(np.float64)
-            b = _solve_shift(
-                _numpy_sums(own, cs[j], None), goal, count, float(own.min()) - cs[j] - 50.0,
-                float(own.max()) - cs[j] + 50.0,
-            )  # fmt: skip
+        b = _shift_from(sums[0][j], sums[1][j], sums[2][j], src[lo : lo + count], cs[j], goal)
         # The slice minus its own shift cast to the logits' dtype: what sub_(b) does.
         src[lo : lo + count] -= b
         shifts.append(b)
@@ -774,9 +762,7 @@ def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]
             params[id(param)] = (param, param.detach().numpy().reshape(-1))
         start = 0 if m._shared is None else m._shared[2]
         views.append(params[id(param)][1][start : start + m._n_gates])
-    for goal, view in zip(goals, views, strict=True):
-        if not 0.0 <= goal <= view.size:
-            raise ParameterError(f"goal must be in [0, {view.size:g}], got {goal!r}")
+    _check_goals(goals, [view.size for view in views])
     live = [i for i, (m, v) in enumerate(zip(modules, views, strict=True)) if v.size and m.stretch]
     shifts = [0.0] * len(modules)
     if not live:
@@ -784,25 +770,44 @@ def _shift_small(modules: list[HardConcrete], goals: list[float]) -> list[float]
     sizes = [views[i].size for i in live]
     xs = np.concatenate([views[i] for i in live], dtype=np.float64)
     cs = [modules[i]._count_shift() for i in live]
-    p, sq = np.empty_like(xs), np.empty_like(xs)
-    _fill_probs(xs, cs[0] if len(set(cs)) == 1 else np.repeat(cs, sizes), p, sq)
     starts = np.cumsum([0, *sizes[:-1]])
-    s1, s2 = np.add.reduceat(p, starts), np.add.reduceat(sq, starts)
-    s3 = np.add.reduceat(np.multiply(sq, p, out=sq), starts)
+    c = cs[0] if len(set(cs)) == 1 else np.repeat(cs, sizes)
+    sums = _sums_at_zero(xs, c, np.empty((3, xs.size)), starts)
     for j, i in enumerate(live):
-        size, goal = sizes[j], goals[i]
-        b = _first_step(float(s1[j]), float(s2[j]), float(s3[j]), goal, size)
-        if b is None:
-            own = xs[starts[j] : starts[j] + size]
-            b = _solve_shift(
-                _numpy_sums(own, cs[j], None), goal, size, float(own.min()) - cs[j] - 50.0,
-                float(own.max()) - cs[j] + 50.0,
-            )  # fmt: skip
+        own = xs[starts[j] : starts[j] + sizes[j]]
+        b = _shift_from(sums[0][j], sums[1][j], sums[2][j], own, cs[j], goals[i])
         views[i] -= b
         shifts[i] = b
     for param, _ in params.values():
         torch.autograd.graph.increment_version(param)  # views share its version counter
     return shifts
+
+
+def _sums_at_zero(
+    xs: np.ndarray, c: float | np.ndarray, powers: np.ndarray, starts: np.ndarray
+) -> list[list[float]]:
+    # [sum p, sum p^2, sum p^3] at shift 0 over each run of ``xs`` beginning at ``starts``
+    # (rows of the result), ``powers`` a (3, len(xs)) float64 buffer.
+    _fill_probs(xs, c, powers[0], powers[1])
+    np.multiply(powers[1], powers[0], out=powers[2])
+    return np.add.reduceat(powers, starts, axis=1).tolist()
+
+
+def _check_goals(goals: list[float], counts: list[int]) -> None:
+    for goal, count in zip(goals, counts, strict=True):
+        if not 0.0 <= goal <= count:
+            raise ParameterError(f"goal must be in [0, {count:g}], got {goal!r}")
+
+
+def _shift_from(s1: float, s2: float, s3: float, own: np.ndarray, c: float, goal: float) -> float:
+    """One module's shift, given the sums of p, p^2, p^3 at shift 0 over its logits
+    ``own``: the first step when it provably meets the tolerance, else _solve_shift."""
+    b = _first_step(s1, s2, s3, goal, own.size)
+    if b is not None:
+        return b
+    own = own.astype(np.float64, copy=False)
+    lo, hi = float(own.min()) - c - 50.0, float(own.max()) - c + 50.0
+    return _solve_shift(_numpy_sums(own, c, None), goal, own.size, lo, hi)
 
 
 def _fill_probs(xs: np.ndarray, cb: float | np.ndarray, buf: np.ndarray, sq: np.ndarray) -> None:

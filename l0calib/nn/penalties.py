@@ -25,7 +25,7 @@ from torch import nn
 
 from l0calib._checks import finite, nonneg, positive_int
 from l0calib.exceptions import ParameterError
-from l0calib.hardconcrete import HardConcrete, _shared_run, shift_jointly
+from l0calib.hardconcrete import _WORK_DTYPES, HardConcrete, _shared_run, shift_jointly
 from l0calib.nn.layers import L0Layer
 
 __all__ = [
@@ -103,7 +103,7 @@ def _active_probs(layers: list[L0Layer]) -> torch.Tensor:
     shifts = {g._count_shift() if g.stretch else None for g in gates}
     if len(shifts) == 1 and None not in shifts:
         shared = _shared_run(gates)  # a SparseMLP's logits: already one tensor
-        if shared is None or shared.dtype not in (torch.float32, torch.float64):
+        if shared is None or shared.dtype not in _WORK_DTYPES:
             shared = torch.cat([g._work().flatten() for g in gates])
         return torch.sigmoid(shared - shifts.pop())
     # layers with different temperatures or stretches
@@ -233,7 +233,7 @@ def get_active_parameter_count(model: nn.Module) -> int:
     count = 0
     # gate logits are not used by an eval forward, also where several modules share them
     logits = {
-        id(m._shared[0]._parameters[m._shared[1]])
+        id(m._logits())
         for m in model.modules()
         if isinstance(m, HardConcrete) and m._shared is not None
     }
