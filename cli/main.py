@@ -11,9 +11,9 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +22,24 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
 from l0calib.io import atomic_path, count_rows, read_table, table_format, write_frame
 from l0calib.policyengine import prune_entities
-from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
+from l0calib.report import (
+    apply_weights,
+    describe_inputs,
+    keep_linked_rows,
+    ratio_histogram,
+    target_facts,
+    with_weights,
+    write_report,
+)
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
@@ -38,14 +47,48 @@ EXIT_CODES_HELP = (
 )
 EXIT_TOLERANCE = 3
 
+
+class _Command(TyperCommand):
+    """Help that reads as written: flags carry no ``<bool>`` type, the usage line names
+    the arguments in capitals without braces (``MICRODATA TARGETS``)."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument):
+                name = (p.metavar or p.name or "").upper()
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
+
+class _Group(TyperGroup):
+    """The app's group: as :class:`_Command`, no ``<bool>`` on its flags."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
 app = typer.Typer(
     name="l0calib",
+    cls=_Group,
     help="Calibrate survey weights to official totals, optionally keeping an exact number "
     "of records.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="markdown",
+    # "rich", not "markdown": markdown drops text in angle brackets (<MICRODATA stem>).
+    rich_markup_mode="rich",
     # Tracebacks must never print local variables: they may hold microdata.
     pretty_exceptions_show_locals=False,
 )
@@ -103,12 +146,14 @@ ID_COLUMN = typer.Option("household_id", "--id-column", help="Unique household i
 ENTITY = typer.Option(
     None,
     "--entity",
+    metavar="NAME=PATH",
     help="NAME=PATH: another entity table (e.g. tax_unit=tu.parquet); "
     "its rows of kept households are written beside the output. Repeatable.",
 )
 ENTITY_LINK = typer.Option(
     None,
     "--entity-link",
+    metavar="NAME=COLUMN",
     help="NAME=COLUMN: the household id column of an --entity "
     "(default <NAME>_household_id). Repeatable.",
 )
@@ -129,15 +174,115 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 def _load(
     microdata: Path, targets: Path, persons: Path | None, id_column: str, weight_column: str,
     person_household_column: str, *, allow_zero_support: bool = False,
+    phases: _Phases | None = None,
 ):  # fmt: skip
-    households = read_table(microdata)
-    person_frame = read_table(persons) if persons is not None else None
-    em = l0calib.build_estimate_matrix(
-        households, targets, person_frame, id_column=id_column, weight_column=weight_column,
-        person_household_column=person_household_column,
-        allow_zero_support=allow_zero_support,
-    )  # fmt: skip
+    phases = phases if phases is not None else _Phases(quiet=True)
+    with phases.phase("reading") as step:
+        households = read_table(microdata)
+        person_frame = read_table(persons) if persons is not None else None
+        step.status = f"{len(households):,} households" + (
+            f", {len(person_frame):,} persons" if person_frame is not None else "")  # fmt: skip
+    with phases.phase("building the matrix") as step:
+        em = l0calib.build_estimate_matrix(
+            households, targets, person_frame, id_column=id_column,
+            weight_column=weight_column, person_household_column=person_household_column,
+            allow_zero_support=allow_zero_support,
+        )  # fmt: skip
+        step.status = f"{em.n_targets:,} targets x {em.n_records:,} records"
     return households, person_frame, em
+
+
+class _Step:
+    """One phase on the terminal: a live row with its elapsed time, or one line when done."""
+
+    def __init__(self, phases: _Phases, label: str, total: float | None) -> None:
+        self.phases, self.label, self.status = phases, label, ""
+        self.t0 = time.perf_counter()
+        self.finished = False
+        bar = phases.bar
+        self.task = bar.add_task(label, total=total, status="") if bar is not None else None
+
+    def update(self, completed: float | None = None, status: str | None = None) -> None:
+        if status is not None:
+            self.status = status
+        if self.task is not None:
+            self.phases.bar.update(self.task, completed=completed, status=self.status)
+
+    def done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        bar = self.phases.bar
+        if self.task is not None:
+            total = next(t.total for t in bar.tasks if t.id == self.task) or 1
+            bar.update(self.task, total=total, completed=total, status=self.status)
+            bar.stop_task(self.task)
+        elif not self.phases.quiet:
+            detail = f" ({self.status})" if self.status else ""
+            _say(f"{self.label}: {time.perf_counter() - self.t0:.1f} s{detail}")
+
+
+class _Phases:
+    """The long phases of a command on stderr (reading, building the matrix, training,
+    selecting and refitting, writing), each labelled with its elapsed time: live rows on a
+    terminal, one line per finished phase otherwise, nothing when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Progress | None = None
+        if not quiet and stderr.is_terminal:
+            self.bar = Progress(
+                SpinnerColumn(finished_text="[green]✓[/]"),
+                TextColumn("{task.description:<24}"),
+                BarColumn(bar_width=24),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=stderr,
+            )
+
+    def __enter__(self) -> _Phases:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    @contextmanager
+    def phase(self, label: str) -> Iterator[_Step]:
+        step = _Step(self, label, None)
+        yield step
+        step.done()
+
+    @contextmanager
+    def fitting(self, epochs: int) -> Iterator[Callable[[l0calib.Progress], None]]:
+        """The engine's callback: a training row by epoch, then the selection and refit."""
+        train = _Step(self, "training", epochs)
+        after: list[_Step] = []
+
+        def callback(p: l0calib.Progress) -> None:
+            if p.phase == "train":
+                train.update(completed=p.epoch, status=_training_status(p))
+            elif not after:
+                train.done()
+                after.append(_Step(self, "selecting and refitting", None))
+
+        yield callback
+        train.done()
+        for step in after:
+            step.done()
+
+
+def _training_status(p: l0calib.Progress) -> str:
+    """Epoch, loss and error in words that say what the error is: under the gates it is
+    the error of the expected (gated) weights, which rises as records drop out and falls
+    again with the refit."""
+    head = f"epoch {p.epoch}/{p.epochs}, loss {p.loss:.3g}"
+    if p.goal is not None or p.lambda_l0 > 0:
+        return (f"{head}, error under the gates {p.mean_abs_rel_error:.1%} (falls with the "
+                f"refit), expected survivors {p.expected_survivors:,.0f}")  # fmt: skip
+    return f"{head}, mean error {p.mean_abs_rel_error:.2%}"
 
 
 def _holdout(names: tuple[str, ...], holdout: str | None, fraction: float | None, seed: int):
@@ -205,8 +350,9 @@ def _final_table(result: l0calib.CalibrationResult) -> Table:
     return table
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def reweight(
+    ctx: typer.Context,
     microdata: Path = MICRODATA,
     targets: Path = TARGETS,
     target_records: int | None = typer.Option(
@@ -271,7 +417,7 @@ def reweight(
     report directory (targets.csv, summary.json, history.csv).
     """
     job = _Job.plan(microdata, targets, persons, output, report_dir, log, force,
-                    entity=entity, entity_link=entity_link)  # fmt: skip
+                    entity=entity, entity_link=entity_link, options=ctx.params)  # fmt: skip
     if resume and checkpoint is None:
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
@@ -290,14 +436,14 @@ def reweight(
         if summary is not None:  # rank 0 under torchrun, or the parent of local workers
             _exit_for(summary["converged"], summary["max_abs_rel_error"])
         return
-    with user_errors():
+    with user_errors(), _Phases(quiet) as phases:
         households, person_frame, em = _load(
-            microdata, targets, persons, id_column, weight_column, person_household_column
-        )
+            microdata, targets, persons, id_column, weight_column, person_household_column,
+            phases=phases,
+        )  # fmt: skip
         entity_frames = job.read_entities(households, id_column)
         held = _holdout(em.names, holdout, holdout_fraction, seed)
-        bar, callback = _fit_progress(quiet, epochs)
-        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+        with phases.fitting(epochs) as callback, warnings.catch_warnings():
             # The CLI reports a missed tolerance itself (exit code 3).
             warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
             result = l0calib.calibrate(
@@ -306,8 +452,9 @@ def reweight(
                 seed=seed, device=device, callback=callback, log_path=log, dtype=dtype,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
-                  entity_frames)  # fmt: skip
+        with phases.phase("writing"):
+            job.write(kept, person_frame, em.n_targets, result, id_column,
+                      person_household_column, entity_frames, em=em, tol=tol)  # fmt: skip
     job.finish(result, quiet)
 
 
@@ -471,6 +618,25 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                 _say(f"Error (rank {rank}): {exc}")
                 raise typer.Exit(code=1) from None
             raise RuntimeError(str(exc)) from None
+        # The report's per-target facts and weight-ratio counts add up over the shards.
+        facts = target_facts(em, result.weights, structure=False)
+        ratio_counts = ratio_histogram(result.weights, em.weights)
+        sums = torch.tensor(np.concatenate([
+            facts["initial_estimate"].to_numpy(), facts["support"].to_numpy(),
+            facts["kept_support"].to_numpy(), ratio_counts]), dtype=torch.float64)  # fmt: skip
+        dist.all_reduce(sums)
+        k = em.n_targets
+        totals = sums.numpy()
+        facts["initial_estimate"] = totals[:k]
+        facts["support"] = totals[k : 2 * k].round().astype(np.int64)
+        facts["kept_support"] = totals[2 * k : 3 * k].round().astype(np.int64)
+        flag = np.where(
+            facts["support"] == 0,
+            "zero support",
+            np.where(facts["support"] < 10, "tiny support (< 10 records)", ""),
+        )
+        facts["flags"] = flag
+        ratio_counts = totals[3 * k :].round().astype(np.int64)
         parts: list = [None] * world
         dist.all_gather_object(parts, (kept, kept_persons, kept_entities))
         if rank != 0:
@@ -483,7 +649,8 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
         entities_out = [pd.concat([p[2][j] for p in parts])
                         for j in range(len(params.job.entities))]  # fmt: skip
         params.job.write(all_kept, persons_out, em.n_targets, result, params.id_column,
-                         params.person_household_column, entities_out)  # fmt: skip
+                         params.person_household_column, entities_out, tol=params.tol,
+                         facts=facts, ratio_counts=ratio_counts)  # fmt: skip
         params.job.show(result, params.quiet)
         return {"converged": result.converged,
                 "max_abs_rel_error": result.info["max_abs_rel_error"]}  # fmt: skip
@@ -504,13 +671,15 @@ class _Job:
     command: str
     microdata: Path
     targets: Path
+    inputs: dict[str, Path | None] = field(default_factory=dict)
+    options: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def plan(
         cls, microdata: Path, targets: Path, persons: Path | None, output: Path | None,
         report_dir: Path | None, log: Path | None, force: bool, *, check_report: bool = True,
         suffix: str = "reweighted", entity: list[str] | None = None,
-        entity_link: list[str] | None = None,
+        entity_link: list[str] | None = None, options: dict[str, object] | None = None,
     ) -> _Job:  # fmt: skip
         out, report = _output_paths(microdata, output, report_dir)
         persons_out = None
@@ -536,6 +705,10 @@ class _Job:
             out=out, report=report, persons_out=persons_out, entities=entities, force=force,
             start=time.perf_counter(), command=" ".join(["l0calib", *sys.argv[1:]]),
             microdata=microdata, targets=targets,
+            inputs={"microdata": microdata, "targets": targets, "persons": persons,
+                    **{f"entity {e[0]}": e[1] for e in entities}},
+            options={k: str(v) if isinstance(v, Path) else v
+                     for k, v in (options or {}).items()},
         )  # fmt: skip
 
     def read_entities(self, households, id_column: str, *, block: bool = False) -> list:
@@ -564,7 +737,10 @@ class _Job:
 
     def write(
         self, kept, person_frame, n_targets: int | None, result, id_column: str,
-        person_household_column: str, entity_frames: list | None = None,
+        person_household_column: str, entity_frames: list | None = None, *,
+        em: l0calib.EstimateMatrix | None = None, tol: float | None = None,
+        bounds: tuple[float, float] | None = None, split: dict[str, int] | None = None,
+        facts: pd.DataFrame | None = None, ratio_counts: np.ndarray | None = None,
     ) -> None:  # fmt: skip
         """Write the kept rows, their persons and (with a result) the report directory."""
         extra = {
@@ -574,6 +750,10 @@ class _Job:
             "output": str(self.out),
             "seconds_total": time.perf_counter() - self.start,
         }
+        if result is not None:
+            extra.update({"inputs": describe_inputs(self.inputs), "options": self.options,
+                          "bounds": list(bounds) if bounds else None,
+                          "selection_split": split})  # fmt: skip
         # Tables first (each atomic), then the report: a failure leaves no partial file.
         with ExitStack() as stack:
             tmp_out = stack.enter_context(atomic_path(self.out))
@@ -591,8 +771,9 @@ class _Job:
                 write_frame(pruned, stack.enter_context(atomic_path(path)), like=path)
             if result is not None:
                 write_report(
-                    result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force
-                )
+                    result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force,
+                    matrix=em, tol=tol, facts=facts, ratio_counts=ratio_counts,
+                )  # fmt: skip
 
     def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         self.show(result, quiet)
@@ -621,8 +802,9 @@ def _exit_for(converged: bool, max_error: float) -> None:
         raise typer.Exit(code=EXIT_TOLERANCE)
 
 
-@app.command("calibrate", epilog=EXIT_CODES_HELP)
+@app.command("calibrate", cls=_Command, epilog=EXIT_CODES_HELP)
 def calibrate_command(
+    ctx: typer.Context,
     microdata: Path = MICRODATA,
     targets: Path = TARGETS,
     method: str = typer.Option("raking", "--method", help="raking, linear, logit or truncated."),
@@ -665,24 +847,28 @@ def calibrate_command(
             raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
         parsed_bounds = (lo, hi)
     job = _Job.plan(microdata, targets, persons, output, report_dir, None, force,
-                    entity=entity, entity_link=entity_link)  # fmt: skip
-    with user_errors():
+                    entity=entity, entity_link=entity_link, options=ctx.params)  # fmt: skip
+    with user_errors(), _Phases(quiet) as phases:
         households, person_frame, em = _load(
-            microdata, targets, persons, id_column, weight_column, person_household_column
-        )
+            microdata, targets, persons, id_column, weight_column, person_household_column,
+            phases=phases,
+        )  # fmt: skip
         entity_frames = job.read_entities(households, id_column)
         held = _holdout(em.names, holdout, None, 0)
-        result = l0calib.calibrate_exact(
-            em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
-            max_iter=max_iter,
-        )  # fmt: skip
+        with phases.phase(f"calibrating ({method})"):
+            result = l0calib.calibrate_exact(
+                em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
+                max_iter=max_iter,
+            )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
-                  entity_frames)  # fmt: skip
+        with phases.phase("writing"):
+            job.write(kept, person_frame, em.n_targets, result, id_column,
+                      person_household_column, entity_frames, em=em,
+                      bounds=parsed_bounds)  # fmt: skip
     job.finish(result, quiet)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def check(
     microdata: Path = MICRODATA,
     targets: Path = TARGETS,
@@ -725,10 +911,16 @@ def check(
         raise typer.Exit(code=1)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def select(
+    ctx: typer.Context,
     microdata: Path = MICRODATA,
-    records: int = typer.Option(..., "--records", help="Households to select.", show_default=False),
+    target_records: int | None = typer.Option(
+        None, "--target-records", help="Households to select (required).", show_default=False
+    ),
+    records: int | None = typer.Option(
+        None, "--records", hidden=True, help="Deprecated alias of --target-records."
+    ),
     targets: Path | None = typer.Option(
         None, "--targets", help="Targets file: the L0 part keeps these totals."
     ),
@@ -781,6 +973,13 @@ def select(
     total / households drawn from it). Writes the selected rows, in input order, with a
     `selection` column (`l0` or `random`).
     """
+    if records is not None:
+        if target_records is not None:
+            raise typer.BadParameter("give --target-records only (--records is its old name)")
+        _say("Warning: --records is deprecated; use --target-records.")
+        target_records = records
+    if target_records is None:
+        raise typer.BadParameter("is required", param_hint="--target-records")
     if l0_fraction is None:
         l0_fraction = 0.0 if targets is None else 1.0 - (random_fraction or 0.0)
     if random_fraction is None:
@@ -792,11 +991,13 @@ def select(
     job = _Job.plan(microdata, targets or microdata, persons, output,
                     report_dir if targets is not None else None, None, force,
                     check_report=targets is not None, suffix="selected",
-                    entity=entity, entity_link=entity_link)  # fmt: skip
+                    entity=entity, entity_link=entity_link, options=ctx.params)  # fmt: skip
     result = None
-    with user_errors():
-        households = read_table(microdata)
-        person_frame = read_table(persons) if persons is not None else None
+    em = None
+    with user_errors(), _Phases(quiet) as phases:
+        with phases.phase("reading"):
+            households = read_table(microdata)
+            person_frame = read_table(persons) if persons is not None else None
         entity_frames = job.read_entities(households, id_column)
         strata = None
         if stratify is not None:
@@ -806,7 +1007,7 @@ def select(
                 )
             strata = households[stratify].to_numpy()
         hybrid = l0calib.HybridGate(
-            len(households), l0_fraction, random_fraction, records, seed=seed
+            len(households), l0_fraction, random_fraction, target_records, seed=seed
         )
         if targets is None:
             if weight_column not in households.columns:
@@ -814,19 +1015,26 @@ def select(
                     f"{microdata}: weight column '{weight_column}' is not in the data"
                 )
             w0 = households[weight_column].to_numpy(dtype=float)
-            idx, design = l0calib.pps_sample(w0, records, seed=seed, strata=strata)
+            with phases.phase("selecting"):
+                idx, design = l0calib.pps_sample(w0, target_records, seed=seed, strata=strata)
             weights = np.zeros(len(households))
             weights[idx] = design
             types = np.full(idx.size, "random")
         else:
-            em = l0calib.build_estimate_matrix(
-                households, targets, person_frame, id_column=id_column,
-                weight_column=weight_column, person_household_column=person_household_column,
-            )  # fmt: skip
+            with phases.phase("building the matrix"):
+                em = l0calib.build_estimate_matrix(
+                    households, targets, person_frame, id_column=id_column,
+                    weight_column=weight_column,
+                    person_household_column=person_household_column,
+                )  # fmt: skip
             held = _holdout(em.names, holdout, holdout_fraction, seed)
-            bar, callback = _fit_progress(quiet or hybrid.n_l0 == 0, epochs)
-            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+            with ExitStack() as stack, warnings.catch_warnings():
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                if hybrid.n_l0 == 0:  # the random draw, then only the refit runs
+                    stack.enter_context(phases.phase("drawing and refitting"))
+                    callback = None
+                else:
+                    callback = stack.enter_context(phases.fitting(epochs))
                 hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
                            callback=callback)  # fmt: skip
             result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
@@ -834,16 +1042,47 @@ def select(
             raise l0calib.DataError(f"{microdata}: column 'selection' already exists")
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types
-        job.write(kept, person_frame, None if result is None else em.n_targets, result,
-                  id_column, person_household_column, entity_frames)  # fmt: skip
+        split = {"l0": int((types == "l0").sum()), "random": int((types == "random").sum())}
+        with phases.phase("writing"):
+            job.write(kept, person_frame, None if em is None else em.n_targets, result,
+                      id_column, person_household_column, entity_frames, em=em,
+                      split=split)  # fmt: skip
     job.finish(result, quiet)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command)
+def report(
+    report_dir: Path = typer.Argument(
+        ...,
+        help="A report directory written by reweight, calibrate or select.",
+        show_default=False,
+    ),
+    open_page: bool = typer.Option(False, "--open", help="Open the page in a web browser."),
+) -> None:
+    """Draw report.html again from a report directory's files.
+
+    The page is drawn from targets.csv, history.csv, summary.json and weight_ratios.csv
+    alone: one self-contained file (inline SVG plots, no network) that opens offline and
+    prints. Exits with 1 when the directory is not a report directory.
+    """
+    from l0calib.report_html import render_html
+
+    with user_errors():
+        page = render_html(report_dir)
+    stdout.print(f"wrote {page}", highlight=False)
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+
+
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def gate(
     n: int = typer.Option(10_000, "--n", help="Number of gates."),
     init_mean: float = typer.Option(0.5, help="Initial sigmoid(log_alpha), in (0, 1)."),
-    temperature: float = typer.Option(2 / 3, help="Concrete temperature beta (> 0)."),
+    temperature: float = typer.Option(
+        2 / 3, help="Concrete temperature beta (> 0). Default: 2/3.", show_default=False
+    ),
     stretch: float = typer.Option(0.1, help="Stretch: gamma = -stretch, zeta = 1 + stretch."),
     draws: int = typer.Option(200, help="Monte-Carlo draws to average over."),
     seed: int = typer.Option(0, help="Seed for the initialisation and the draws."),

@@ -78,8 +78,10 @@ HISTORY_COLUMNS = (
 class Progress:
     """What the engine reports to ``callback`` after each epoch (and each refit round).
 
-    ``phase`` is ``"train"`` or ``"refit"``. Errors are over fitted (non-holdout) targets,
-    for the current sampled weights. ``expected_survivors`` is ``sum P(z != 0)``; ``goal``
+    ``phase`` is ``"train"`` after each epoch, then ``"select"`` once, when the selection
+    and refit start (repeating the last epoch's figures). Errors are over fitted
+    (non-holdout) targets, for the current sampled (gated) weights: they rise while records
+    are dropped and fall again with the refit. ``expected_survivors`` is ``sum P(z != 0)``; ``goal``
     is the survivor count the L0 controller aims at this epoch (``None`` without
     ``target_records``).
     """
@@ -1048,6 +1050,10 @@ def calibrate(
             fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
             callback=callback, log=log, log_every=log_every,
         )  # fmt: skip
+        if callback is not None and loop.history:
+            # One "select" report: training is over, the selection and refit start.
+            h = loop.history[-1]
+            callback(Progress("select", loop.epoch, loop.epoch, *h[1:2], *h[3:8]))
         weights_out, before, info, scores = _select_and_refit(
             fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
             refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,

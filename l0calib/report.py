@@ -1,11 +1,17 @@
 """Turning a calibration result into files: reweighted tables and a report directory.
 
+A report directory holds ``targets.csv``, ``history.csv``, ``summary.json``,
+``weight_ratios.csv`` and ``report.html`` (drawn from the other four by
+:func:`l0calib.report_html.render_html`, so ``l0calib report DIR`` can draw it again).
+
 Used by the command line, public so a pipeline writes exactly what the CLI writes.
 Everything is written atomically: a failure leaves the previous files (or nothing).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,11 +21,26 @@ import numpy as np
 import pandas as pd
 
 from l0calib._version import __version__
-from l0calib.calibrate import CalibrationResult
+from l0calib.calibrate import HISTORY_COLUMNS, CalibrationResult
+from l0calib.diagnostics import check_targets
 from l0calib.exceptions import DataError, ParameterError
 from l0calib.io import atomic_dir
+from l0calib.targets import EstimateMatrix
 
-__all__ = ["apply_weights", "keep_linked_rows", "summary", "with_weights", "write_report"]
+__all__ = [
+    "RATIO_EDGES",
+    "apply_weights",
+    "describe_inputs",
+    "effective_tolerance",
+    "history_table",
+    "keep_linked_rows",
+    "ratio_histogram",
+    "summary",
+    "target_facts",
+    "targets_table",
+    "with_weights",
+    "write_report",
+]
 
 
 def apply_weights(
@@ -113,6 +134,211 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# Fixed log-spaced edges for the histogram of w / w0 (1e-4 to 1e4, 20 bins a decade), so
+# histograms of the shards of a distributed fit add up; ratios outside fall in the end bins.
+RATIO_EDGES = 10.0 ** np.linspace(-4.0, 4.0, 161)
+
+TARGET_COLUMNS = (
+    "name",
+    "group",
+    "target",
+    "initial_estimate",
+    "initial_rel_error",
+    "estimate",
+    "error",
+    "rel_error",
+    "tolerance",
+    "within_tolerance",
+    "holdout",
+    "support",
+    "kept_support",
+    "flags",
+)
+
+
+def target_facts(
+    em: EstimateMatrix, weights: np.ndarray, *, structure: bool = True
+) -> pd.DataFrame:
+    """Per-target facts the report adds to the fit: group, own tolerance, initial estimate,
+    support (records contributing) and kept support (of those, records with a non-zero
+    final ``weights``, shape (n_records,)), and flags.
+
+    ``initial_estimate``, ``support`` and ``kept_support`` add up over record shards.
+    Flags: ``zero support``, ``tiny support (< 10 records)``, and with ``structure`` the
+    duplicate and linear-combination flags of :func:`l0calib.diagnostics.check_targets`
+    (they need every record; checked for at most 1,000 targets). :func:`targets_table`
+    adds ``none kept`` (support, but no kept record).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    initial = em.weights if em.weights is not None else np.ones(em.n_records)
+    kept = (w != 0).astype(np.float64)
+    support = em.support().astype(np.int64)
+    kept_support = np.asarray((em.matrix != 0).astype(np.float64) @ kept).round().astype(np.int64)
+    if structure:
+        flags = check_targets(em, max_targets=1000)["flags"].tolist()
+    else:
+        tiny = np.where(support < 10, "tiny support (< 10 records)", "")
+        flags = np.where(support == 0, "zero support", tiny).tolist()
+    return pd.DataFrame(
+        {
+            "name": list(em.names),
+            "group": [g if g is not None else "" for g in em.groups],
+            "own_tolerance": em.tolerance,
+            "initial_estimate": em.estimates(initial),
+            "support": support,
+            "kept_support": kept_support,
+            "flags": flags,
+        }
+    )
+
+
+def ratio_histogram(weights: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """Counts of kept records' ``w / w0`` in the bins of :data:`RATIO_EDGES`, shape (160,).
+
+    Ratios below 1e-4 or above 1e4 are counted in the first or last bin; records with
+    ``w0 <= 0`` are left out. Counts add up over record shards.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w0 = np.asarray(initial, dtype=np.float64)
+    use = (w != 0) & (w0 > 0)
+    r = np.clip(w[use] / w0[use], RATIO_EDGES[0], RATIO_EDGES[-1])
+    return np.histogram(r, bins=RATIO_EDGES)[0]
+
+
+def describe_inputs(paths: dict[str, str | os.PathLike[str] | None]) -> list[dict[str, Any]]:
+    """``[{"role", "path", "name", "bytes", "sha256"}]`` for each existing input file."""
+    out = []
+    for role, path in paths.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            continue
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.append(
+            {
+                "role": role,
+                "path": str(p),
+                "name": p.name,
+                "bytes": p.stat().st_size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+    return out
+
+
+def effective_tolerance(own: np.ndarray, tol: float | None) -> np.ndarray:
+    """Each target's tolerance as the fit's ``converged`` check applies it:
+    ``max(tol, own)`` with ``tol``, else the target's own (``nan`` where it has none)."""
+    own = np.asarray(own, dtype=np.float64)
+    if tol is not None:
+        return np.maximum(own, tol)
+    return np.where(own > 0, own, np.nan)
+
+
+def targets_table(
+    result: CalibrationResult, facts: pd.DataFrame | None, *, tol: float | None
+) -> pd.DataFrame:
+    """The rows of ``targets.csv`` (columns :data:`TARGET_COLUMNS`).
+
+    ``within_tolerance`` compares ``|rel_error|`` with the effective tolerance (see
+    :func:`effective_tolerance`); it is empty where no tolerance applies.
+    """
+    rep = result.report
+    k = len(rep)
+    if facts is None:
+        nan = np.full(k, np.nan)
+        facts = pd.DataFrame(
+            {"name": rep["name"], "group": "", "own_tolerance": 0.0, "initial_estimate": nan,
+             "support": pd.array([pd.NA] * k, dtype="Int64"),
+             "kept_support": pd.array([pd.NA] * k, dtype="Int64"), "flags": ""}
+        )  # fmt: skip
+    target = rep["target"].to_numpy(dtype=np.float64)
+    # The relative scale of the fit (max(|t|, floor)) is recovered from its own columns.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(rep["rel_error"] != 0, rep["error"] / rep["rel_error"], np.nan)
+    scale = np.where(np.isfinite(scale), scale, np.maximum(np.abs(target), 1.0))
+    initial = facts["initial_estimate"].to_numpy(dtype=np.float64)
+    flags = facts["flags"].astype(str).to_numpy(dtype=object)
+    support = pd.to_numeric(facts["support"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    kept_support = pd.to_numeric(facts["kept_support"]).to_numpy(np.float64, na_value=np.nan)
+    none_kept = (support > 0) & (kept_support == 0)
+    flags[none_kept] = ["; ".join(x for x in (f, "none kept") if x) for f in flags[none_kept]]
+    tolerance = effective_tolerance(facts["own_tolerance"].to_numpy(), tol)
+    within = pd.array(
+        [None if np.isnan(t) else bool(a <= t + 1e-9)
+         for a, t in zip(rep["abs_rel_error"], tolerance, strict=True)],
+        dtype="boolean",
+    )  # fmt: skip
+    return pd.DataFrame(
+        {
+            "name": rep["name"],
+            "group": facts["group"].to_numpy(),
+            "target": target,
+            "initial_estimate": initial,
+            "initial_rel_error": (initial - target) / scale,
+            "estimate": rep["estimate"],
+            "error": rep["error"],
+            "rel_error": rep["rel_error"],
+            "tolerance": tolerance,
+            "within_tolerance": within,
+            "holdout": rep["holdout"],
+            "support": facts["support"].to_numpy(),
+            "kept_support": facts["kept_support"].to_numpy(),
+            "flags": flags,
+        },
+        columns=list(TARGET_COLUMNS),
+    )
+
+
+def history_table(result: CalibrationResult, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``history.csv``: a ``phase`` column, the initial weights' errors (epoch
+    0, ``initial``), one ``train`` row per epoch, then ``selection`` (the kept records with
+    their trained weights) and ``refit`` rows, so the last row holds the summary's errors.
+    For a classic calibration: ``initial``, one row per iteration named after the method
+    (its largest relative residual as ``max_abs_rel_error``) and ``final``."""
+    fitted = ~table["holdout"].to_numpy(dtype=bool)
+    info = result.info
+    columns = ["phase", *HISTORY_COLUMNS]
+    rows: list[dict[str, Any]] = []
+    init_err = np.abs(table["initial_rel_error"].to_numpy(dtype=np.float64))[fitted]
+    if init_err.size and np.isfinite(init_err).all():
+        rows.append(
+            {"phase": "initial", "epoch": 0, "mean_abs_rel_error": float(init_err.mean()),
+             "max_abs_rel_error": float(init_err.max()),
+             "expected_survivors": result.diagnostics.n_records}
+        )  # fmt: skip
+    hist = result.history
+    if "epoch" not in hist.columns and "iteration" in hist.columns:  # a classic method
+        hist = pd.DataFrame(
+            {"epoch": hist["iteration"], "max_abs_rel_error": hist.get("max_rel_residual")}
+        )
+    train = hist.reindex(columns=list(HISTORY_COLUMNS)).copy()
+    train.insert(0, "phase", "train" if result.method == "l0" else result.method)
+    last = int(train["epoch"].max()) if len(train) else 0
+    tail: list[dict[str, Any]] = []
+    if len(train) and info.get("mean_abs_rel_error_before_refit") is not None:
+        tail.append(
+            {"phase": "selection", "epoch": last + 1,
+             "mean_abs_rel_error": info["mean_abs_rel_error_before_refit"],
+             "max_abs_rel_error": info.get("max_abs_rel_error_before_refit"),
+             "expected_survivors": result.diagnostics.n_kept}
+        )  # fmt: skip
+        phase, epoch = "refit", last + 2
+    else:
+        phase, epoch = "final", last + 1
+    tail.append(
+        {"phase": phase, "epoch": epoch, "mean_abs_rel_error": info.get("mean_abs_rel_error"),
+         "max_abs_rel_error": info.get("max_abs_rel_error"),
+         "expected_survivors": result.diagnostics.n_kept}
+    )  # fmt: skip
+    parts = [pd.DataFrame(rows, columns=columns), train, pd.DataFrame(tail, columns=columns)]
+    return pd.concat([p for p in parts if len(p)], ignore_index=True)[columns]
+
+
 def write_report(
     result: CalibrationResult,
     directory: str | os.PathLike[str],
@@ -120,10 +346,39 @@ def write_report(
     n_targets: int,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    matrix: EstimateMatrix | None = None,
+    facts: pd.DataFrame | None = None,
+    ratio_counts: np.ndarray | None = None,
+    tol: float | None = None,
+    html: bool = True,
 ) -> Path:
-    """Write ``targets.csv``, ``summary.json`` and ``history.csv`` into ``directory``.
+    """Write a report directory: ``targets.csv``, ``history.csv``, ``summary.json``,
+    ``weight_ratios.csv`` and ``report.html`` (see docs/report.md).
 
     The directory is assembled under a temporary name and renamed when complete.
+
+    Parameters
+    ----------
+    result : CalibrationResult
+    directory : path
+    n_targets : int
+    extra : dict, optional
+        More ``summary.json`` fields (command, inputs, options, bounds...).
+    overwrite : bool
+        Replace an existing directory.
+    matrix : EstimateMatrix, optional
+        The fit's matrix (initial weights in ``matrix.weights``): gives the initial
+        estimates, groups, support and flags of ``targets.csv``. Without it (and without
+        ``facts``) those columns are empty.
+    facts : DataFrame, optional
+        :func:`target_facts` computed elsewhere (summed over the shards of a distributed fit).
+    ratio_counts : numpy.ndarray, shape (160,), optional
+        :func:`ratio_histogram` computed elsewhere; default from ``result.weights`` and
+        ``matrix.weights``.
+    tol : float, optional
+        The ``tol`` the fit was given (for ``within_tolerance``).
+    html : bool
+        Also render ``report.html``.
 
     Returns
     -------
@@ -131,11 +386,29 @@ def write_report(
         The report directory.
     """
     target = Path(directory)
+    if facts is None and matrix is not None:
+        facts = target_facts(matrix, result.weights)
+    if ratio_counts is None and matrix is not None and matrix.weights is not None:
+        ratio_counts = ratio_histogram(result.weights, matrix.weights)
+    table = targets_table(result, facts, tol=tol)
+    info = {"tol": tol, "finished_at": _now()}
     with atomic_dir(target, overwrite=overwrite) as tmp:
-        cols = ["name", "target", "estimate", "error", "rel_error", "holdout", "within_tolerance"]
-        result.report[cols].to_csv(tmp / "targets.csv", index=False)
-        result.history.to_csv(tmp / "history.csv", index=False)
+        table.to_csv(tmp / "targets.csv", index=False)
+        history_table(result, table).to_csv(tmp / "history.csv", index=False)
+        if ratio_counts is not None:
+            pd.DataFrame(
+                {"low": RATIO_EDGES[:-1], "high": RATIO_EDGES[1:], "count": ratio_counts}
+            ).loc[lambda f: f["count"] > 0].to_csv(tmp / "weight_ratios.csv", index=False)
         with open(tmp / "summary.json", "w") as f:
-            json.dump(summary(result, n_targets=n_targets, extra=extra), f, indent=2)
+            json.dump(summary(result, n_targets=n_targets, extra={**info, **(extra or {})}),
+                      f, indent=2)  # fmt: skip
             f.write("\n")
+        if html:
+            from l0calib.report_html import render_html
+
+            render_html(tmp)
     return target
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -177,10 +177,10 @@ def test_callback_sees_progress_and_can_stop() -> None:
         return p.epoch < 7
 
     res = calibrate(a, t, weights=w0, target_records=50, epochs=100, callback=cb)
-    assert [p.epoch for p in seen] == list(range(1, 8))
+    assert [p.epoch for p in seen] == [*range(1, 8), 7]
     assert res.n_iter == 7
     assert res.kept.sum() == 50  # selection and refit still run
-    assert seen[0].phase == "train"
+    assert [p.phase for p in seen] == ["train"] * 7 + ["select"]  # then selection and refit
     assert seen[0].goal is not None
 
 

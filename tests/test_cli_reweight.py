@@ -81,7 +81,25 @@ def test_reweight_writes_exact_count_and_consistent_totals(
     assert summary["lambda_l2"] == 1e-3
     assert summary["converged"] is True
     history = pd.read_csv(tmp_path / "small_report" / "history.csv")
-    assert len(history) == 60
+    # the initial weights, 60 epochs, then the selection and the refit: the curve ends
+    # where the summary ends
+    assert history["phase"].tolist() == ["initial"] + ["train"] * 60 + ["selection", "refit"]
+    assert history["epoch"].tolist() == list(range(63))
+    assert history["mean_abs_rel_error"].iloc[-1] == pytest.approx(summary["mean_abs_rel_error"])
+    assert history["max_abs_rel_error"].iloc[-1] == pytest.approx(summary["max_abs_rel_error"])
+    assert history["mean_abs_rel_error"].iloc[-2] == pytest.approx(
+        summary["mean_abs_rel_error_before_refit"]
+    )
+    # targets.csv: initial estimates, groups, support; tolerance from the targets (none
+    # given here, no --tol): within_tolerance is empty, not False
+    em_all = build_estimate_matrix(_read(hh), targets, _read(people))
+    expected = em_all.estimates(em_all.weights)
+    np.testing.assert_allclose(report["initial_estimate"], expected, rtol=1e-9)
+    assert (report["support"] == em_all.support()).all()
+    assert (report["kept_support"] <= report["support"]).all()
+    assert (report["kept_support"] > 0).any()
+    assert report["group"].notna().all()
+    assert report["within_tolerance"].isna().all()
 
 
 def test_default_output_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
