@@ -48,16 +48,20 @@ EXIT_CODES_HELP = (
 EXIT_TOLERANCE = 3
 
 
+def _plain_flags(params: list) -> list:
+    """Flags take no value: show no ``<bool>`` type beside them in the help."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
 class _Command(TyperCommand):
     """Help that reads as written: flags carry no ``<bool>`` type, the usage line names
     the arguments in capitals without braces (``MICRODATA TARGETS``)."""
 
     def get_params(self, ctx: typer.Context) -> list:
-        params = super().get_params(ctx)
-        for p in params:
-            if getattr(p, "is_flag", False) and p.metavar is None:
-                p.metavar = ""
-        return params
+        return _plain_flags(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -72,11 +76,7 @@ class _Group(TyperGroup):
     """The app's group: as :class:`_Command`, no ``<bool>`` on its flags."""
 
     def get_params(self, ctx: typer.Context) -> list:
-        params = super().get_params(ctx)
-        for p in params:
-            if getattr(p, "is_flag", False) and p.metavar is None:
-                p.metavar = ""
-        return params
+        return _plain_flags(super().get_params(ctx))
 
 
 app = typer.Typer(

@@ -332,7 +332,9 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure svg{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555}
 #filter{width:100%;padding:.4em;margin:.5em 0;font-size:1em;box-sizing:border-box}
 tr.missed td{background:#fdecea}.wide{overflow-x:auto}
-#targets td{word-break:break-word}ul.options{display:flex;flex-wrap:wrap;gap:.3em .6em;
+#targets td{word-break:break-word}
+#targets td.num{white-space:nowrap;word-break:normal}
+ul.options{display:flex;flex-wrap:wrap;gap:.3em .6em;
 list-style:none;padding:0;margin:.3em 0}ul.options li{background:#f4f4f4;padding:.1em .4em;
 border-radius:3px;font-size:.85em}.small{font-size:.8em;color:#555}code{font-size:.9em}
 @media print{#filter{display:none}body{max-width:none;margin:0}h2{page-break-after:avoid}}
@@ -364,12 +366,17 @@ def _pct(x: Any, digits: int = 3) -> str:
     return "" if not np.isfinite(v) else f"{v:.{digits}%}"
 
 
-def _num(x: Any, fmt: str = ",.6g") -> str:
+def _num(x: Any, fmt: str | None = None) -> str:
+    """A number as a reader wants it: thousands separated, no exponent below 1e15."""
     try:
         v = float(x)
     except (TypeError, ValueError):
         return ""
-    return "" if not np.isfinite(v) else format(v, fmt)
+    if not np.isfinite(v):
+        return ""
+    if fmt is None:
+        fmt = ",.0f" if 1e3 <= abs(v) < 1e15 else ".4g"
+    return format(v, fmt)
 
 
 def _size(n: Any) -> str:
