@@ -391,7 +391,15 @@ def write_report(
     if ratio_counts is None and matrix is not None and matrix.weights is not None:
         ratio_counts = ratio_histogram(result.weights, matrix.weights)
     table = targets_table(result, facts, tol=tol)
-    info = {"tol": tol, "finished_at": _now()}
+    hold = table["holdout"].to_numpy(dtype=bool)
+    initial = table["initial_rel_error"].abs()
+    info = {
+        "tol": tol,
+        "finished_at": _now(),
+        # the initial weights' errors, to read the final ones against
+        "initial_mean_abs_rel_error": initial[~hold].mean() if (~hold).any() else None,
+        "holdout_initial_mean_abs_rel_error": initial[hold].mean() if hold.any() else None,
+    }
     with atomic_dir(target, overwrite=overwrite) as tmp:
         table.to_csv(tmp / "targets.csv", index=False)
         history_table(result, table).to_csv(tmp / "history.csv", index=False)
