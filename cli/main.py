@@ -740,6 +740,7 @@ class _Job:
         person_household_column: str, entity_frames: list | None = None, *,
         em: l0calib.EstimateMatrix | None = None, tol: float | None = None,
         bounds: tuple[float, float] | None = None, split: dict[str, int] | None = None,
+        more: dict[str, object] | None = None,
         facts: pd.DataFrame | None = None, ratio_counts: np.ndarray | None = None,
     ) -> None:  # fmt: skip
         """Write the kept rows, their persons and (with a result) the report directory."""
@@ -753,7 +754,7 @@ class _Job:
         if result is not None:
             extra.update({"inputs": describe_inputs(self.inputs), "options": self.options,
                           "bounds": list(bounds) if bounds else None,
-                          "selection_split": split})  # fmt: skip
+                          "selection_split": split, **(more or {})})  # fmt: skip
         # Tables first (each atomic), then the report: a failure leaves no partial file.
         with ExitStack() as stack:
             tmp_out = stack.enter_context(atomic_path(self.out))
@@ -1043,10 +1044,17 @@ def select(
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types
         split = {"l0": int((types == "l0").sum()), "random": int((types == "random").sum())}
+        more = None
+        if strata is not None:  # each stratum's records before and after, for the report
+            before = pd.Series(strata).astype(str).value_counts()
+            after = pd.Series(strata[weights != 0]).astype(str).value_counts()
+            more = {"strata": {"column": stratify, "records_in": before.to_dict(),
+                               "records_kept": after.reindex(before.index, fill_value=0)
+                               .to_dict()}}  # fmt: skip
         with phases.phase("writing"):
             job.write(kept, person_frame, None if em is None else em.n_targets, result,
                       id_column, person_household_column, entity_frames, em=em,
-                      split=split)  # fmt: skip
+                      split=split, more=more)  # fmt: skip
     job.finish(result, quiet)
 
 

@@ -302,6 +302,30 @@ def _history_plot(h: pd.DataFrame) -> str | None:
     return _svg(fig)
 
 
+def _strata_plot(strata: dict[str, Any]) -> str | None:
+    """Each stratum's share of the records before and after the selection."""
+    before = {str(k): float(v) for k, v in (strata.get("records_in") or {}).items()}
+    after = {str(k): float(v) for k, v in (strata.get("records_kept") or {}).items()}
+    if not before or not sum(after.values()):
+        return None
+    names = sorted(before, key=lambda k: -before[k])
+    n_in, n_out = sum(before.values()), sum(after.values())
+    fig = _figure(11, 3.6)
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [before[k] / n_in for k in names], width=0.4, color="#bbbbbb",
+           label=f"all {n_in:,.0f} records")  # fmt: skip
+    ax.bar(x + 0.2, [after.get(k, 0.0) / n_out for k in names], width=0.4, color="#1f77b4",
+           label=f"the {n_out:,.0f} selected")  # fmt: skip
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90 if len(names) > 12 else 0, fontsize=7)
+    ax.yaxis.set_major_formatter(_percent())
+    ax.set_ylabel("share of the records")
+    ax.set_xlabel(f"stratum ({strata.get('column', '')})")
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
 def _split_plot(split: dict[str, Any]) -> str | None:
     if not split:
         return None
@@ -332,8 +356,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure svg{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555}
 #filter{width:100%;padding:.4em;margin:.5em 0;font-size:1em;box-sizing:border-box}
 tr.missed td{background:#fdecea}.wide{overflow-x:auto}
-#targets td{word-break:break-word}
-#targets td.num{white-space:nowrap;word-break:normal}
+#targets td.num{white-space:nowrap}
 ul.options{display:flex;flex-wrap:wrap;gap:.3em .6em;
 list-style:none;padding:0;margin:.3em 0}ul.options li{background:#f4f4f4;padding:.1em .4em;
 border-radius:3px;font-size:.85em}.small{font-size:.8em;color:#555}code{font-size:.9em}
@@ -567,6 +590,8 @@ def _page(s: dict[str, Any], t: pd.DataFrame, h: pd.DataFrame, ratios: Any) -> s
             "<h2>Selection</h2>",
             _figure_html("selection-split", _split_plot(split),
                          "Records chosen by the L0 engine and drawn at random (PPS)."),
+            _figure_html("strata", _strata_plot(s.get("strata") or {}),
+                         "Each stratum's share of the records, before and after selection."),
         ]  # fmt: skip
     sections += [
         "<h2>Training path</h2>",
