@@ -68,7 +68,8 @@ def fixture_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "calibrate": ["calibrate", *data, str(SURVEY / "targets.csv"), "--holdout",
                       "pop_M_80plus,agi_gt_500000,tenure_other"],
         "select": ["select", *data, "--target-records", "1000", "--targets",
-                   str(SURVEY / "targets.csv"), "--random-fraction", "0.5", "--epochs", "80"],
+                   str(SURVEY / "targets.csv"), "--random-fraction", "0.5", "--epochs", "80",
+                   "--stratify", "state"],
     }  # fmt: skip
     out = {}
     for name, args in commands.items():
@@ -137,7 +138,9 @@ def test_same_report_from_every_command(fixture_reports: dict[str, Path]) -> Non
         result = runner.invoke(app, ["report", str(d)])
         assert result.exit_code == 0, result.output
         assert (d / "report.html").read_bytes() == before, name
-    assert 'id="selection-split"' in (fixture_reports["select"] / "report.html").read_text()
+    select_page = (fixture_reports["select"] / "report.html").read_text()
+    assert 'id="selection-split"' in select_page
+    assert 'id="strata"' in select_page
 
 
 def test_report_command_needs_a_report_directory(tmp_path: Path) -> None:
