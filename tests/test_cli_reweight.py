@@ -259,7 +259,7 @@ def test_select_hybrid_writes_exact_split(
     hh, people, targets = _copy_inputs(tmp_path, fmt)
     out = tmp_path / f"sel.{fmt}"
     result = runner.invoke(app, [
-        "select", str(hh), "--records", "300", "--targets", str(targets), "--l0-fraction",
+        "select", str(hh), "--target-records", "300", "--targets", str(targets), "--l0-fraction",
         "0.4", "--random-fraction", "0.6", "--persons", str(people), "--stratify", "state",
         "--epochs", "60", "-o", str(out), "--quiet",
     ])  # fmt: skip
@@ -284,7 +284,8 @@ def test_select_random_only_carries_design_weights(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
-        "select", str(SURVEY / "households.parquet"), "--records", "250", "--stratify", "state",
+        "select", str(SURVEY / "households.parquet"), "--target-records", "250",
+        "--stratify", "state",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     sel = pd.read_parquet(tmp_path / "households_selected.parquet")
@@ -301,10 +302,18 @@ def test_select_random_only_carries_design_weights(
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--records", "10", "--l0-fraction", "0.5"], 2, "the L0 part needs --targets"),
-        (["--records", "10", "--stratify", "county"], 1, "--stratify column 'county' is not in"),
-        (["--records", "99999"], 1, "target_items must be an integer between 0 and 5,000"),
-        (["--records", "10", "--random-fraction", "1.5"], 1, "random_fraction must be between"),
+        (["--target-records", "10", "--l0-fraction", "0.5"], 2, "the L0 part needs --targets"),
+        (
+            ["--target-records", "10", "--stratify", "county"],
+            1,
+            "--stratify column 'county' is not in",
+        ),
+        (["--target-records", "99999"], 1, "target_items must be an integer between 0 and 5,000"),
+        (
+            ["--target-records", "10", "--random-fraction", "1.5"],
+            1,
+            "random_fraction must be between",
+        ),
     ],
 )
 def test_select_errors(
