@@ -31,6 +31,7 @@ from l0calib.io import read_table
 from l0calib.outputs import OutputPlan, Transaction, output_names
 from l0calib.report import (
     apply_weights,
+    check_added_columns,
     keep_linked_rows,
     summary,
     with_weights,
@@ -148,11 +149,13 @@ def _load(
     person_household_column: str, *, allow_zero_support: bool = False,
 ):  # fmt: skip
     households = read_table(microdata)
+    check_added_columns(households, microdata, weight_column)
     person_frame = read_table(persons) if persons is not None else None
     em = l0calib.build_estimate_matrix(
         households, targets, person_frame, id_column=id_column, weight_column=weight_column,
         person_household_column=person_household_column,
         allow_zero_support=allow_zero_support,
+        table_names={"households": str(microdata), "persons": str(persons)},
     )  # fmt: skip
     return households, person_frame, em
 
@@ -674,6 +677,7 @@ def select(
             em = l0calib.build_estimate_matrix(
                 households, targets, person_frame, id_column=id_column,
                 weight_column=weight_column, person_household_column=person_household_column,
+                table_names={"households": str(microdata), "persons": str(persons)},
             )  # fmt: skip
             n_targets = em.n_targets
             held = _holdout(em.names, holdout, holdout_fraction, seed)

@@ -127,6 +127,7 @@ def load_shard(
     em = build_estimate_matrix(
         households, targets, person_frame, id_column=id_column, weight_column=weight_column,
         person_household_column=person_household_column, allow_zero_support=True,
+        table_names={"households": str(microdata), "persons": str(persons)},
     )  # fmt: skip
     return households, person_frame, em, start, n_total
 

@@ -20,6 +20,7 @@ from l0calib.exceptions import DataError, ParameterError
 
 __all__ = [
     "apply_weights",
+    "check_added_columns",
     "keep_linked_rows",
     "summary",
     "with_weights",
@@ -61,6 +62,20 @@ def with_weights(
     out.insert(position, initial, out[weight_column].to_numpy())
     out[weight_column] = weights[kept]
     return out
+
+
+def check_added_columns(
+    frame: pd.DataFrame, path: str | os.PathLike[str], weight_column: str,
+    also: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Refuse, before any work, a table that already has a column the output adds
+    (``<weight_column>_initial``, and ``also``); the message names ``path``."""
+    for added in (f"{weight_column}_initial", *also):
+        if added in frame.columns:
+            raise DataError(
+                f"{path}: column '{added}' already exists, and the output adds a column of "
+                "that name; rename it (or choose another --weight-column)"
+            )
 
 
 def keep_linked_rows(

@@ -219,7 +219,13 @@ def run_rank(rank: int, world: int, run: ShardedRun) -> dict[str, Any] | None:
     import torch.distributed as dist
 
     from l0calib.distributed import calibrate_shard, load_shard
-    from l0calib.report import apply_weights, keep_linked_rows, summary, write_report_files
+    from l0calib.report import (
+        apply_weights,
+        check_added_columns,
+        keep_linked_rows,
+        summary,
+        write_report_files,
+    )
 
     backend = "nccl" if run.device == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -231,6 +237,7 @@ def run_rank(rank: int, world: int, run: ShardedRun) -> dict[str, Any] | None:
             id_column=run.id_column, weight_column=run.weight_column,
             person_household_column=run.person_household_column,
         )  # fmt: skip
+        check_added_columns(households, run.microdata, run.weight_column)
         entity_frames = read_entities(run.entities, households, run.id_column, block=True)
         _check_unlinked_rows(run, person_frame, entity_frames)
         held = holdout_names(em.names, run.holdout, run.holdout_fraction, run.seed)
@@ -316,9 +323,12 @@ def _spawned_worker(rank: int, world: int, port: int, run: ShardedRun, handoff: 
     try:
         out = run_rank(rank, world, run)
     except L0CalibError as exc:
-        raise RuntimeError(str(exc)) from None
+        # The whole message (it may list several problems) for the parent to show.
+        with contextlib.suppress(OSError):
+            Path(handoff, f"error-rank{rank}.txt").write_text(str(exc))
+        raise SystemExit(1) from None
     if rank == 0:
-        Path(handoff).write_text(json.dumps(out))
+        Path(handoff, "result.json").write_text(json.dumps(out))
 
 
 def run_sharded(run: ShardedRun, nproc: int) -> dict[str, Any]:
@@ -335,27 +345,28 @@ def run_sharded(run: ShardedRun, nproc: int) -> dict[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    handoff_dir = Path(tempfile.mkdtemp(prefix="l0calib-"))
-    handoff = handoff_dir / "result.json"
+    handoff = Path(tempfile.mkdtemp(prefix="l0calib-"))
     context = mp.start_processes(
         _spawned_worker, args=(nproc, port, run, str(handoff), os.getpid()), nprocs=nproc,
         join=False, start_method="spawn",
     )  # fmt: skip
     try:
-        while not context.join():
-            pass
-        return json.loads(handoff.read_text())
-    except mp.ProcessRaisedException as exc:  # a worker's message, no traceback
-        message = [m for m in str(exc).strip().splitlines() if m.strip()]
-        raise L0CalibError(
-            f"a worker process failed: {message[-1] if message else exc}"
-        ) from None
-    except mp.ProcessExitedException as exc:
-        raise L0CalibError(f"a worker process failed: {exc}") from None
+        try:
+            while not context.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            errors = sorted(handoff.glob("error-rank*.txt"))
+            if errors:
+                message = errors[0].read_text()
+            else:
+                lines = [m for m in str(exc).strip().splitlines() if m.strip()]
+                message = lines[-1] if lines else type(exc).__name__
+            raise L0CalibError(f"a worker process failed: {message}") from None
+        return json.loads((handoff / "result.json").read_text())
     finally:
         for p in context.processes:
             if p.is_alive():
                 p.kill()
         for p in context.processes:
             p.join(5)
-        shutil.rmtree(handoff_dir, ignore_errors=True)
+        shutil.rmtree(handoff, ignore_errors=True)
