@@ -245,6 +245,14 @@ class OutputPlan:
                         f"{path}: the {label} would replace the input {in_label} ({in_path}); "
                         "inputs are never overwritten, choose another output"
                     )
+        for role, path in files.items():
+            if role.startswith("report:"):
+                continue
+            if path.is_dir():
+                raise OutputError(f"{path}: is a directory (the {_role(role)})")
+            _check_place(path, role)
+            if os.path.lexists(path) and not self.force:
+                raise OutputError(f"{path}: already exists (use --force to overwrite)")
         if self.report_dir is not None:
             d = self.report_dir
             for k, (label, _) in seen.items():
@@ -257,14 +265,6 @@ class OutputPlan:
                 raise OutputError(f"{d}: exists and is not a directory (--report-dir)")
             _check_place(d, "report", directory=True)
             self._check_report_files(report_files or self.report_files)
-        for role, path in files.items():
-            if role.startswith("report:"):
-                continue
-            if path.is_dir():
-                raise OutputError(f"{path}: is a directory (the {_role(role)})")
-            _check_place(path, role)
-            if os.path.lexists(path) and not self.force:
-                raise OutputError(f"{path}: already exists (use --force to overwrite)")
 
     def _check_report_files(self, names: tuple[str, ...] | list[str]) -> None:
         d = self.report_dir
