@@ -200,9 +200,9 @@ def _read_where(
 
 def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> Any:
     try:
+        dtype: Any = str if text else {c: str for c in _code_columns(p)}
         return pd.read_csv(
-            p, usecols=columns, encoding="utf-8-sig", low_memory=False,
-            dtype=str if text else None, **kwargs,
+            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=dtype, **kwargs,
         )  # fmt: skip
     except UnicodeDecodeError as exc:
         line = _line_of_byte(p, exc.start)
@@ -214,6 +214,29 @@ def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> 
         raise DataError(f"{p}: file has no header row (it is empty)") from None
     except pd.errors.ParserError as exc:
         raise DataError(f"{p}: malformed CSV: {exc}") from None
+
+
+_CODES: dict[tuple[str, int, int], list[str]] = {}
+
+
+def _code_columns(p: Path) -> list[str]:
+    """Columns of a CSV file that hold codes, not numbers: some value has a leading zero
+    (``01612596057020``, ZIP ``02134``, FIPS ``06``) or more digits than a float keeps.
+    They are read as text, so they mean in a filter and come out exactly what the file
+    says, as they would from Parquet. One scan per file version, remembered."""
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _CODES:
+        found: set[str] = set()
+        for chunk in pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                 chunksize=500_000, low_memory=False):  # fmt: skip
+            for column in chunk.columns:
+                if column not in found and chunk[column].str.match(_LOSSY).any():
+                    found.add(column)
+        if len(_CODES) > 32:
+            _CODES.clear()
+        _CODES[key] = sorted(found)
+    return _CODES[key]
 
 
 def _line_of_byte(p: Path, offset: int) -> int:
@@ -363,7 +386,8 @@ def write_frame(
         frame.to_parquet(path, index=False)
 
 
-_LOSSY = re.compile(r"^\s*[+-]?0\d|^\s*[+-]?\d{16,}\s*$|^\s|\s$")
+# A leading zero, or more digits than a float64 keeps: a code, not a number.
+_LOSSY = re.compile(r"^[+-]?0\d|^[+-]?\d{16,}$")
 
 
 def _with_source_text(

@@ -16,16 +16,15 @@ Under ``torchrun`` every rank calls :func:`run_rank` itself; otherwise
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,79 +293,104 @@ def run_rank(rank: int, world: int, run: ShardedRun) -> dict[str, Any] | None:
         dist.destroy_process_group()
 
 
+# The first lines a worker runs, before any heavy import: die with the parent (Linux:
+# PR_SET_PDEATHSIG, kept across exec), stop at once if it is already gone, leave Ctrl-C to
+# the parent (a terminal sends it to the whole process group).
+_BOOT = """
+import os, signal, sys
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+if sys.path and sys.path[0] == "":
+    del sys.path[0]  # the current directory must not shadow the installed l0calib
+from l0calib.sharded import _worker_main
+_worker_main(*sys.argv[1:])
+"""
+
+
+def _worker_main(parent: str, handoff: str, rank: str, world: str, port: str) -> None:
+    """A local worker: read the run its parent pickled into ``handoff`` (a private
+    directory it made), fit this rank, hand back the figures (rank 0) or the error."""
+    import pickle
+
+    global _PARENT_PID
+    _PARENT_PID = int(parent)
+    directory = Path(handoff)
+    with open(directory / "run.pickle", "rb") as f:
+        run = pickle.load(f)  # written by our own parent process, in its 0700 directory
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+    try:
+        out = run_rank(int(rank), int(world), run)
+    except L0CalibError as exc:
+        # The whole message (it may list several problems) for the parent to show.
+        (directory / f"error-rank{rank}.txt").write_text(str(exc))
+        sys.exit(1)
+    if int(rank) == 0:
+        (directory / "result.json").write_text(json.dumps(out))
+
+
 _PARENT_PID: int | None = None
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this worker when its parent dies (Linux), and stop now if it
-    already has: a worker must never outlive the run that started it."""
-    global _PARENT_PID
-    _PARENT_PID = parent
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    _parent_alive_or_exit()
-
-
 def _parent_alive_or_exit() -> None:
+    """A worker whose parent died never writes anything (where PR_SET_PDEATHSIG is not)."""
     if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
         os._exit(1)
-
-
-def _spawned_worker(rank: int, world: int, port: int, run: ShardedRun, handoff: str,
-                    parent: int) -> None:  # fmt: skip
-    _die_with_parent(parent)
-    # The parent handles Ctrl-C / SIGTERM and stops the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    try:
-        out = run_rank(rank, world, run)
-    except L0CalibError as exc:
-        # The whole message (it may list several problems) for the parent to show.
-        with contextlib.suppress(OSError):
-            Path(handoff, f"error-rank{rank}.txt").write_text(str(exc))
-        raise SystemExit(1) from None
-    if rank == 0:
-        Path(handoff, "result.json").write_text(json.dumps(out))
 
 
 def run_sharded(run: ShardedRun, nproc: int) -> dict[str, Any]:
     """Run ``run`` on ``nproc`` local worker processes; rank 0's figures when all finish.
 
+    The workers are started with the ``python`` running this function; each dies with its
+    parent. If one fails, the others are stopped; if this function is interrupted (Ctrl-C,
+    SIGTERM raising in the main thread), every worker is killed before it returns.
+
     Raises
     ------
     L0CalibError
-        ``"a worker process failed: <its message>"`` when any worker fails; the other
-        workers are stopped. Interrupting the caller (Ctrl-C, SIGTERM) stops them too.
+        ``"a worker process failed: <its message>"`` when any worker fails.
     """
-    import torch.multiprocessing as mp
+    import pickle
+    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     handoff = Path(tempfile.mkdtemp(prefix="l0calib-"))
-    context = mp.start_processes(
-        _spawned_worker, args=(nproc, port, run, str(handoff), os.getpid()), nprocs=nproc,
-        join=False, start_method="spawn",
-    )  # fmt: skip
+    procs: list[subprocess.Popen] = []
     try:
-        try:
-            while not context.join():
-                pass
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            errors = sorted(handoff.glob("error-rank*.txt"))
-            if errors:
-                message = errors[0].read_text()
-            else:
-                lines = [m for m in str(exc).strip().splitlines() if m.strip()]
-                message = lines[-1] if lines else type(exc).__name__
-            raise L0CalibError(f"a worker process failed: {message}") from None
-        return json.loads((handoff / "result.json").read_text())
+        with open(handoff / "run.pickle", "wb") as f:
+            pickle.dump(run, f)
+        for rank in range(nproc):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(os.getpid()), str(handoff), str(rank),
+                 str(nproc), str(port)],
+                stdin=subprocess.DEVNULL,
+            ))  # fmt: skip
+        while True:
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                errors = sorted(handoff.glob("error-rank*.txt"))
+                if errors:
+                    message = errors[0].read_text()
+                else:
+                    bad = next(r for r, c in enumerate(codes) if c not in (None, 0))
+                    message = f"worker {bad} exited with code {codes[bad]}"
+                raise L0CalibError(f"a worker process failed: {message}")
+            if all(c == 0 for c in codes):
+                return json.loads((handoff / "result.json").read_text())
+            time.sleep(0.05)
     finally:
-        for p in context.processes:
-            if p.is_alive():
+        for p in procs:
+            if p.poll() is None:
                 p.kill()
-        for p in context.processes:
-            p.join(5)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
         shutil.rmtree(handoff, ignore_errors=True)
