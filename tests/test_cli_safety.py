@@ -27,7 +27,6 @@ from .conftest import FIXTURES
 
 runner = CliRunner(env={"COLUMNS": "250"})
 TINY = FIXTURES / "tiny"
-SURVEY = FIXTURES / "survey_5k"
 CLI = [
     sys.executable,
     "-c",
@@ -201,8 +200,9 @@ def _wait_for(condition, timeout: float) -> bool:
 
 
 def _long_run(tmp_path: Path, *extra: str) -> list[str]:
-    return [*CLI, "reweight", str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"),
-            "--persons", str(SURVEY / "persons.parquet"), "--target-records", "500",
+    """A run that fits for minutes (a million epochs of the tiny fixture)."""
+    return [*CLI, "reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"),
+            "--persons", str(TINY / "persons.csv"), "--target-records", "3",
             "--epochs", "1000000", "-o", str(tmp_path / "o.parquet"), "--log",
             str(tmp_path / "log.csv"), "--quiet", *extra]  # fmt: skip
 
@@ -243,7 +243,7 @@ def test_a_signal_during_the_fit_cleans_up(
     try:
         # The log's temporary file appears once the outputs are planned, before the fit.
         assert _wait_for(lambda: any(tmp_path.iterdir()), 60), proc.communicate()
-        time.sleep(1.5)
+        time.sleep(1.0)  # fitting now
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
