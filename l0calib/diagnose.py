@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from l0calib.diagnostics import dependent_targets, list_names
@@ -45,6 +46,8 @@ __all__ = [
     "PruningRisk",
     "TargetChange",
     "TargetDiagnosis",
+    "annotate_check",
+    "check_records",
     "diagnose_targets",
 ]
 
@@ -155,7 +158,7 @@ class TargetDiagnosis:
     conflicts : tuple of Conflict
         Named contradictions, smallest first.
     conflicts_complete : bool
-        False when the search stopped at ``max_conflicts`` or ``time_limit`` with
+        False when the search stopped at ``max_conflicts`` or ``max_solves`` with
         contradictions left unnamed.
     dependencies : tuple of Dependence
         Exact linear dependences and whether they agree numerically.
@@ -192,6 +195,11 @@ class TargetDiagnosis:
         for key in ("changes", "conflicts", "dependencies", "pruning_risks", "notes"):
             out[key] = list(out[key])
         return _plain(out)
+
+    def dependent_names(self) -> dict[str, list[str]]:
+        """``{dependent target: [the targets it combines]}``, as
+        :func:`l0calib.diagnostics.dependent_targets` returns it."""
+        return {d.target: list(d.combination) for d in self.dependencies}
 
     def messages(self, limit: int = 10) -> list[str]:
         """One line per finding, most serious first (for warnings); at most ``limit``
@@ -231,7 +239,7 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return float(x)
+        return float(x) if math.isfinite(x) else None  # JSON has no inf or NaN
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, np.bool_):
@@ -287,6 +295,8 @@ class _Problem:
         objective is positive.
         """
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return 0.0, np.zeros(0), np.zeros(0)
         sub = self.b[rows]
         touched = np.zeros(sub.shape[1], dtype=bool)
         touched[sub.indices] = True
@@ -386,13 +396,14 @@ def _components(prob: _Problem, rows: np.ndarray) -> list[np.ndarray]:
 class _Search:
     """Deletion filter over a dual support, with an LP budget."""
 
-    def __init__(self, prob: _Problem, deadline: float) -> None:
+    def __init__(self, prob: _Problem, max_solves: int) -> None:
         self.prob = prob
-        self.deadline = deadline
+        self.last = prob.solves + max_solves
         self.support = prob.em.support()
 
     def out_of_time(self) -> bool:
-        return time.perf_counter() > self.deadline
+        # A count of LPs rather than a clock: the same inputs give the same findings.
+        return self.prob.solves >= self.last
 
     def infeasible(self, rows: np.ndarray) -> tuple[bool, np.ndarray]:
         """Whether ``rows`` alone are infeasible, and the certificate's support (as rows)."""
@@ -436,7 +447,7 @@ def _find_conflicts(
     y_all: np.ndarray,
     *,
     max_conflicts: int,
-    deadline: float,
+    max_solves: int,
 ) -> tuple[list[tuple[np.ndarray, bool]], bool]:
     """IISs covering the infeasibility of the whole set.
 
@@ -444,7 +455,7 @@ def _find_conflicts(
     by shared records, filters each group to an IIS, and then leaves out the target of each
     IIS that moves most in the least change (the likely culprit) before looking again.
     """
-    search = _Search(prob, deadline)
+    search = _Search(prob, max_solves)
     pool = np.ones(prob.em.n_targets, dtype=bool)
     found: list[tuple[np.ndarray, bool]] = []
     seen: set[tuple[int, ...]] = set()
@@ -581,8 +592,7 @@ def _conflict(
         cap = f"{right} + {_fmt(bound)}" if right else _fmt(bound)
         l_fmt, r_fmt = _pair(lv, rv + bound)
         msg = (
-            f"with {weights}, {left} is at most {cap}, but the targets give {l_fmt} "
-            f"against {r_fmt}"
+            f"with {weights}, {left} is at most {cap}, but the targets give {l_fmt} against {r_fmt}"
         )
     return Conflict(tuple(names), tuple(float(v) for v in c), bound, lhs, msg + tail, irreducible)
 
@@ -693,6 +703,57 @@ def _pruning_risks(
     return out
 
 
+# ---------------------------------------------------------------------------- check table
+def annotate_check(frame: pd.DataFrame, diagnosis: TargetDiagnosis) -> pd.DataFrame:
+    """Add the diagnosis to :func:`l0calib.diagnostics.check_targets`'s table.
+
+    New columns: ``required_value`` and ``rel_change`` (the least change; NaN for targets
+    that need not move), ``conflicts`` (1-based numbers of the conflicts a target is in,
+    ``;``-separated), ``p_short`` (pruning risk, NaN when not at risk). ``flags`` gains
+    ``must move up/down X%``, ``in conflict N``, whether a linear combination's values
+    agree, and ``pruning risk P%``.
+    """
+    out = frame.copy()
+    index = {n: i for i, n in enumerate(out["name"])}
+    flags = [[f] if f else [] for f in out["flags"]]
+    required = np.full(len(out), np.nan)
+    rel = np.full(len(out), np.nan)
+    for c in diagnosis.changes:
+        i = index[c.name]
+        required[i], rel[i] = c.required_value, c.rel_change
+        flags[i].append(f"must move {c.direction} {abs(c.rel_change):.2%}")
+    member: list[list[str]] = [[] for _ in range(len(out))]
+    for number, conflict in enumerate(diagnosis.conflicts, start=1):
+        for name in conflict.targets:
+            member[index[name]].append(str(number))
+    for i, numbers in enumerate(member):
+        if numbers:
+            flags[i].append(f"in conflict {', '.join(numbers)}")
+    for d in diagnosis.dependencies:
+        i = index[d.target]
+        flags[i].append(
+            "its values agree"
+            if d.agrees
+            else f"values disagree: they give {_fmt(d.implied_value)} ({d.rel_gap:+.2%})"
+        )
+    p_short = np.full(len(out), np.nan)
+    for r in diagnosis.pruning_risks:
+        i = index[r.name]
+        p_short[i] = max(r.p_short, r.p_over)
+        flags[i].append(f"pruning risk {p_short[i]:.0%}")
+    out["flags"] = ["; ".join(f) for f in flags]
+    out["required_value"] = required
+    out["rel_change"] = rel
+    out["conflicts"] = [";".join(m) for m in member]
+    out["p_short"] = p_short
+    return out
+
+
+def check_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The check table as JSON-ready records (NaN becomes None)."""
+    return _plain(frame.to_dict("records"))
+
+
 # ---------------------------------------------------------------------------- entry point
 def _check_bounds(bounds: Any) -> tuple[float, float] | None:
     if bounds is None:
@@ -715,7 +776,7 @@ def diagnose_targets(
     target_records: int | None = None,
     exclude: Sequence[str] | None = None,
     max_conflicts: int = 20,
-    time_limit: float = 60.0,
+    max_solves: int = 2000,
     risk_level: float = 0.05,
     max_dependence_targets: int = 5000,
 ) -> TargetDiagnosis:
@@ -741,9 +802,11 @@ def diagnose_targets(
         Targets to leave out (a fit's holdout targets, which it does not try to meet).
     max_conflicts : int, default 20
         Stop naming conflicts after this many.
-    time_limit : float, default 60
-        Seconds after which the conflict search stops (``conflicts_complete`` is then
-        False). The feasibility LP itself always runs to the end.
+    max_solves : int, default 2000
+        LP solves (of HiGHS, counting each column-generation round) after which the
+        conflict search stops (``conflicts_complete`` is then False). A count rather than
+        a time limit, so the findings do not depend on the machine's load. Proving a
+        conflict of m targets irreducible takes at least m solves.
     risk_level : float, default 0.05
         A target is at pruning risk when its probability of falling short is at least this.
     max_dependence_targets : int, default 5000
@@ -820,7 +883,7 @@ def diagnose_targets(
                 )
             changes.sort(key=lambda c: -abs(c.rel_change))
             found, complete = _find_conflicts(
-                prob, delta, y, max_conflicts=max_conflicts, deadline=start + time_limit
+                prob, delta, y, max_conflicts=max_conflicts, max_solves=max_solves
             )
             conflicts = [_conflict(prob, iis, done, bnds) for iis, done in found]
             conflicts.sort(key=lambda c: (len(c.targets), c.targets))
