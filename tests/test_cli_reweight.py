@@ -193,20 +193,25 @@ def test_check_feasible_json_risk_and_bounds(tmp_path: Path) -> None:
     args = ["check", str(TINY / "households.csv"), str(ok)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "2 targets checked" in result.stdout and "all can be met" in result.stdout
+    assert "2 targets checked" in result.stdout
+    assert "all can be met" in result.stdout
     result = runner.invoke(app, [*args, "--json", "--target-records", "2"])
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
-    assert found["feasible"] is True and found["target_records"] == 2
+    assert found["feasible"] is True
+    assert found["target_records"] == 2
     assert [r["name"] for r in found["targets"]] == ["households", "households_CA"]
     # 2 of the 5 households are in CA: a draw of 2 misses both with probability 3/10
     (risk,) = found["pruning_risks"]
-    assert risk["name"] == "households_CA" and risk["p_short"] == pytest.approx(0.3)
+    assert risk["name"] == "households_CA"
+    assert risk["p_short"] == pytest.approx(0.3)
     # Tight bounds make some target unreachable: exit 3, named in the JSON.
     result = runner.invoke(app, [*args, "--json", "--bounds", "0.99,1.01"])
     assert result.exit_code == 3, result.output
     found = json.loads(result.stdout)
-    assert found["feasible"] is False and found["conflicts"] and found["changes"]
+    assert found["feasible"] is False
+    assert found["conflicts"]
+    assert found["changes"]
     assert found["bounds"] == [0.99, 1.01]
     result = runner.invoke(app, [*args, "--bounds", "1"])
     assert result.exit_code == 2

@@ -62,7 +62,7 @@ def _lp_feasible(
     """Independent check: is there w (or r = w / w0 in [lo, hi]) with |A w - t| <= tol s?
     (``s = max(|t|, 1)`` unless ``scale`` is given.)"""
     s = np.maximum(np.abs(t), 1.0) if scale is None else scale
-    m, n = a.shape
+    _m, n = a.shape
     aa = a if w0 is None else a * w0
     res = linprog(
         np.zeros(n),
@@ -95,7 +95,8 @@ def test_consistent_targets_are_feasible() -> None:
     d = diagnose_targets(em)
     assert d.feasible
     assert d.total_rel_change == 0.0
-    assert d.changes == () and d.conflicts == ()
+    assert d.changes == ()
+    assert d.conflicts == ()
     assert d.conflicts_complete
     # pop = sum of its bands: found as dependence, and the values agree
     assert {dep.target for dep in d.dependencies} == {"pop_A_65plus", "pop_B_65plus"}
@@ -158,7 +159,7 @@ def test_each_reported_conflict_is_irreducible_by_brute_force() -> None:
 
 
 def test_target_no_nonnegative_weights_reach_is_named_with_its_change() -> None:
-    em, t = _states(values={"hh_B": -40.0})
+    em, _t = _states(values={"hh_B": -40.0})
     d = diagnose_targets(em)
     assert not d.feasible
     single = [c for c in d.conflicts if c.targets == ("hh_B",)]
@@ -236,7 +237,7 @@ def test_least_change_matches_an_independent_lp(n_records: int, bounds) -> None:
 
 
 def test_exclude_leaves_targets_out() -> None:
-    em, t = _states(values={"hh_B": -40.0})
+    em, _t = _states(values={"hh_B": -40.0})
     assert diagnose_targets(em, exclude=["hh_B"]).feasible
     with pytest.raises(Exception, match="unknown target name 'hh_C'"):
         diagnose_targets(em, exclude=["hh_C"])
@@ -290,7 +291,7 @@ def test_bad_arguments() -> None:
 
 
 def test_check_table_annotation() -> None:
-    em, t = _states(values={"hh_B": -40.0})
+    em, _t = _states(values={"hh_B": -40.0})
     d = diagnose_targets(em, target_records=5)
     table = annotate_check(check_targets(em, dependencies=d.dependent_names()), d)
     row = table.set_index("name").loc["hh_B"]
