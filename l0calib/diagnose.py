@@ -297,26 +297,26 @@ class _Problem:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return 0.0, np.zeros(0), np.zeros(0)
-        sub = self.b[rows]
+        sub = self.b[rows]  # CSR, every record: untouched columns are empty
         touched = np.zeros(sub.shape[1], dtype=bool)
         touched[sub.indices] = True
         cols = np.flatnonzero(touched)
-        sub = sub[:, cols].tocsc()
         if cols.size <= _DIRECT_COLUMNS:
-            return self._solve(rows, sub, np.arange(cols.size), cols)
+            return self._solve(rows, sub, cols)
         # Column generation (Dantzig-Wolfe pricing): solve over a working set of records with
         # the others held at their lower bound, then add the records whose reduced cost is
         # negative until there is none. Only a few hundred records are basic at the optimum,
         # so this is much faster than one LP over every record, and exact: at the end the
         # working solution (others at their bound) is optimal for the full LP.
-        flag = np.zeros(self.b.shape[1], dtype=bool)
+        flag = np.zeros(sub.shape[1], dtype=bool)
         for r in self.recent:
             flag[r] = True
-        hot = np.flatnonzero(flag[cols])
-        work = np.union1d(self._initial_columns(sub), hot)
+        flag[self._initial_columns(sub, cols)] = True
+        flag &= touched
+        work = np.flatnonzero(flag)
         while True:
-            obj, delta, y = self._solve(rows, sub, work, cols)
-            reduced = -(sub.T @ y)
+            obj, delta, y = self._solve(rows, sub, work)
+            reduced = -(y @ sub)  # zero on untouched records
             reduced[work] = 0.0
             bad = np.flatnonzero(reduced < -_PRICING_TOL)
             if bad.size == 0:
@@ -324,18 +324,18 @@ class _Problem:
             add = bad[np.argsort(reduced[bad])[: max(_PRICING_BATCH, 2 * rows.size)]]
             work = np.union1d(work, add)
 
-    def _initial_columns(self, sub: sp.csc_matrix) -> np.ndarray:
-        """A deterministic spread of records: a few per target, plus an even sample."""
-        rows_view = sub.tocsr()
-        picks = [np.linspace(0, sub.shape[1] - 1, _SPREAD).astype(np.int64)]
-        for r in range(rows_view.shape[0]):
-            idx = rows_view.indices[rows_view.indptr[r] : rows_view.indptr[r + 1]]
-            if idx.size:
-                picks.append(idx[np.linspace(0, idx.size - 1, min(idx.size, 4)).astype(int)])
-        return np.unique(np.concatenate(picks))
+    @staticmethod
+    def _initial_columns(sub: sp.csr_matrix, cols: np.ndarray) -> np.ndarray:
+        """A deterministic spread of records: four per target, plus an even sample."""
+        starts, lengths = sub.indptr[:-1], np.diff(sub.indptr)
+        steps = np.linspace(0.0, 1.0, 4)
+        pos = starts[:, None] + np.floor(steps[None, :] * np.maximum(lengths - 1, 0)[:, None])
+        per_target = sub.indices[pos[lengths > 0].astype(np.int64).ravel()]
+        spread = cols[np.linspace(0, cols.size - 1, _SPREAD).astype(np.int64)]
+        return np.concatenate([spread, per_target])
 
     def _solve(
-        self, rows: np.ndarray, sub: sp.csc_matrix, work: np.ndarray, cols: np.ndarray
+        self, rows: np.ndarray, sub: sp.csr_matrix, work: np.ndarray
     ) -> tuple[float, np.ndarray, np.ndarray]:
         from scipy.optimize import linprog
 
@@ -344,9 +344,9 @@ class _Problem:
         rhs = self.rhs[rows]
         if self.xlo != 0.0:
             # Records outside the working set sit at their lower bound.
-            rest = np.ones(sub.shape[1], dtype=bool)
-            rest[work] = False
-            rhs = rhs - self.xlo * (sub[:, rest] @ np.ones(int(rest.sum())))
+            rest = np.ones(sub.shape[1])
+            rest[work] = 0.0
+            rhs = rhs - self.xlo * (sub @ rest)
         eye = sp.identity(m, format="csc")
         # Variables: x (n), e (m) in [-tol, tol], p (m) >= 0, q (m) >= 0;
         # B x - e - p + q = t / s, minimise sum(p + q): the target moves by p - q.
@@ -362,7 +362,7 @@ class _Problem:
         if res.status != 0:
             raise CalibrationError(f"the feasibility LP failed: {res.message}")
         z = res.x
-        self.recent = [*self.recent[-(_RECENT - 1) :], cols[work[z[:n] > self.xlo + 1e-12]]]
+        self.recent = [*self.recent[-(_RECENT - 1) :], work[z[:n] > self.xlo + 1e-12]]
         delta = z[n + m : n + 2 * m] - z[n + 2 * m :]
         y = np.asarray(res.eqlin.marginals, dtype=np.float64)
         return float(res.fun), delta, y
@@ -453,7 +453,8 @@ def _find_conflicts(
 
     Each round splits the certificate support of the remaining targets into groups linked
     by shared records, filters each group to an IIS, and then leaves out the target of each
-    IIS that moves most in the least change (the likely culprit) before looking again.
+    IIS that moves most in the least change (the likely culprit) before looking again,
+    until the rest is feasible.
     """
     search = _Search(prob, max_solves)
     pool = np.ones(prob.em.n_targets, dtype=bool)
@@ -481,7 +482,8 @@ def _find_conflicts(
             if key not in seen:
                 seen.add(key)
                 found.append((iis, finished))
-            # Leave out the member that moves most in the least change of this pool.
+            # Leave out the member that moves most in this pool's least change (the likely
+            # culprit: leaving out another member only uncovers variants of this conflict).
             local = np.searchsorted(pool_rows, iis)
             moves = np.abs(delta[local])
             if moves.max() <= 0:
@@ -608,7 +610,10 @@ def _dependencies(em: EstimateMatrix, tol: np.ndarray, max_targets: int) -> list
         ap = em.matrix[p]
         gram = (ap @ ap.T).toarray()
         rhs = (ap @ em.matrix[d].T).toarray().ravel()
-        coef = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+        try:  # the parts are independent, so their Gram matrix is positive definite
+            coef = np.linalg.solve(gram, rhs)
+        except np.linalg.LinAlgError:
+            coef = np.linalg.lstsq(gram, rhs, rcond=None)[0]
         implied = float(coef @ em.values[p])
         gap = float(em.values[d] - implied)
         slack = tol[d] * scale[d] + float(np.abs(coef) @ (tol[p] * scale[p]))
