@@ -786,7 +786,7 @@ def _warn_targets(em, quiet: bool, **options) -> None:
     named with a small LP budget; `l0calib check` names them all."""
     if quiet:
         return
-    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=200, **options)
+    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
     for line in diagnosis.messages(limit=5):
         _say(f"Warning: {line}")
 

@@ -214,18 +214,23 @@ class TargetDiagnosis:
                 f"the targets cannot all be met (least total change {self.total_rel_change:.3%}"
                 f" of target values: {moved}{more})"
             )
-        lines += [c.message for c in self.conflicts[:limit]]
+        lines += [
+            c.message if c.irreducible else f"{c.message} (not shown to be the smallest such set)"
+            for c in self.conflicts[:limit]
+        ]
         if len(self.conflicts) > limit:
             lines.append(f"... and {len(self.conflicts) - limit} more conflicts")
         if not self.conflicts_complete:
             lines.append("the conflict search stopped early; more contradictions may remain")
-        for d in self.dependencies:
-            if not d.agrees:
-                lines.append(
-                    f"{d.target} ({_fmt(d.value)}) is a linear combination of "
-                    f"{list_names(list(d.combination), _LISTED)}, which give "
-                    f"{_fmt(d.implied_value)} ({d.rel_gap:+.3%})"
-                )
+        disagree = [d for d in self.dependencies if not d.agrees]
+        for d in disagree[:limit]:
+            lines.append(
+                f"{d.target} ({_fmt(d.value)}) is a linear combination of "
+                f"{list_names(list(d.combination), _LISTED)}, which give "
+                f"{_fmt(d.implied_value)} ({d.rel_gap:+.3%})"
+            )
+        if len(disagree) > limit:
+            lines.append(f"... and {len(disagree) - limit} more disagreeing linear combinations")
         for r in self.pruning_risks[:limit]:
             lines.append(f"{r.name}: {r.reason}")
         if len(self.pruning_risks) > limit:
