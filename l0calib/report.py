@@ -24,12 +24,12 @@ from l0calib._version import __version__
 from l0calib.calibrate import HISTORY_COLUMNS, CalibrationResult
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import DataError, ParameterError
-from l0calib.io import atomic_dir
 from l0calib.targets import EstimateMatrix
 
 __all__ = [
     "RATIO_EDGES",
     "apply_weights",
+    "check_added_columns",
     "describe_inputs",
     "effective_tolerance",
     "history_table",
@@ -40,6 +40,7 @@ __all__ = [
     "targets_table",
     "with_weights",
     "write_report",
+    "write_report_files",
 ]
 
 
@@ -76,6 +77,20 @@ def with_weights(
     out.insert(position, initial, out[weight_column].to_numpy())
     out[weight_column] = weights[kept]
     return out
+
+
+def check_added_columns(
+    frame: pd.DataFrame, path: str | os.PathLike[str], weight_column: str,
+    also: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Refuse, before any work, a table that already has a column the output adds
+    (``<weight_column>_initial``, and ``also``); the message names ``path``."""
+    for added in (f"{weight_column}_initial", *also):
+        if added in frame.columns:
+            raise DataError(
+                f"{path}: column '{added}' already exists, and the output adds a column of "
+                "that name; rename it (or choose another --weight-column)"
+            )
 
 
 def keep_linked_rows(
@@ -339,6 +354,54 @@ def history_table(result: CalibrationResult, table: pd.DataFrame) -> pd.DataFram
     return pd.concat([p for p in parts if len(p)], ignore_index=True)[columns]
 
 
+def write_report_files(
+    result: CalibrationResult,
+    directory: str | os.PathLike[str],
+    *,
+    n_targets: int,
+    extra: dict[str, Any] | None = None,
+    matrix: EstimateMatrix | None = None,
+    facts: pd.DataFrame | None = None,
+    ratio_counts: np.ndarray | None = None,
+    tol: float | None = None,
+    html: bool = True,
+) -> None:
+    """Write the report's files (``targets.csv``, ``history.csv``, ``summary.json``,
+    ``weight_ratios.csv``, ``report.html``) into the existing ``directory`` (not
+    atomically: a temporary directory that is moved into place later, as
+    :func:`write_report` and :class:`l0calib.outputs.OutputPlan` do). The keywords are
+    :func:`write_report`'s."""
+    tmp = Path(directory)
+    if facts is None and matrix is not None:
+        facts = target_facts(matrix, result.weights)
+    if ratio_counts is None and matrix is not None and matrix.weights is not None:
+        ratio_counts = ratio_histogram(result.weights, matrix.weights)
+    table = targets_table(result, facts, tol=tol)
+    hold = table["holdout"].to_numpy(dtype=bool)
+    initial = table["initial_rel_error"].abs()
+    info = {
+        "tol": tol,
+        "finished_at": _now(),
+        # the initial weights' errors, to read the final ones against
+        "initial_mean_abs_rel_error": initial[~hold].mean() if (~hold).any() else None,
+        "holdout_initial_mean_abs_rel_error": initial[hold].mean() if hold.any() else None,
+    }
+    table.to_csv(tmp / "targets.csv", index=False)
+    history_table(result, table).to_csv(tmp / "history.csv", index=False)
+    if ratio_counts is not None:
+        pd.DataFrame({"low": RATIO_EDGES[:-1], "high": RATIO_EDGES[1:], "count": ratio_counts}).loc[
+            lambda f: f["count"] > 0
+        ].to_csv(tmp / "weight_ratios.csv", index=False)
+    with open(tmp / "summary.json", "w") as f:
+        json.dump(summary(result, n_targets=n_targets, extra={**info, **(extra or {})}),
+                  f, indent=2)  # fmt: skip
+        f.write("\n")
+    if html:
+        from l0calib.report_html import render_html
+
+        render_html(tmp)
+
+
 def write_report(
     result: CalibrationResult,
     directory: str | os.PathLike[str],
@@ -355,7 +418,9 @@ def write_report(
     """Write a report directory: ``targets.csv``, ``history.csv``, ``summary.json``,
     ``weight_ratios.csv`` and ``report.html`` (see docs/report.md).
 
-    The directory is assembled under a temporary name and renamed when complete.
+    The files are assembled under a temporary name and moved into place when complete. An
+    existing directory is never removed: only files an earlier l0calib write put there
+    (listed in its manifest) are replaced, and only with ``overwrite``.
 
     Parameters
     ----------
@@ -384,37 +449,23 @@ def write_report(
     -------
     pathlib.Path
         The report directory.
-    """
-    target = Path(directory)
-    if facts is None and matrix is not None:
-        facts = target_facts(matrix, result.weights)
-    if ratio_counts is None and matrix is not None and matrix.weights is not None:
-        ratio_counts = ratio_histogram(result.weights, matrix.weights)
-    table = targets_table(result, facts, tol=tol)
-    hold = table["holdout"].to_numpy(dtype=bool)
-    initial = table["initial_rel_error"].abs()
-    info = {
-        "tol": tol,
-        "finished_at": _now(),
-        # the initial weights' errors, to read the final ones against
-        "initial_mean_abs_rel_error": initial[~hold].mean() if (~hold).any() else None,
-        "holdout_initial_mean_abs_rel_error": initial[hold].mean() if hold.any() else None,
-    }
-    with atomic_dir(target, overwrite=overwrite) as tmp:
-        table.to_csv(tmp / "targets.csv", index=False)
-        history_table(result, table).to_csv(tmp / "history.csv", index=False)
-        if ratio_counts is not None:
-            pd.DataFrame(
-                {"low": RATIO_EDGES[:-1], "high": RATIO_EDGES[1:], "count": ratio_counts}
-            ).loc[lambda f: f["count"] > 0].to_csv(tmp / "weight_ratios.csv", index=False)
-        with open(tmp / "summary.json", "w") as f:
-            json.dump(summary(result, n_targets=n_targets, extra={**info, **(extra or {})}),
-                      f, indent=2)  # fmt: skip
-            f.write("\n")
-        if html:
-            from l0calib.report_html import render_html
 
-            render_html(tmp)
+    Raises
+    ------
+    OutputError
+        If a file would be replaced without ``overwrite``, or a file of the same name that
+        l0calib did not write is in the way.
+    """
+    from l0calib.outputs import OutputPlan
+
+    target = Path(directory)
+    with OutputPlan(report_dir=target, force=overwrite).transaction() as tx:
+        tx.write_report(
+            lambda d: write_report_files(
+                result, d, n_targets=n_targets, extra=extra, matrix=matrix, facts=facts,
+                ratio_counts=ratio_counts, tol=tol, html=html,
+            )
+        )  # fmt: skip
     return target
 
 

@@ -12,6 +12,7 @@ Skipped, saying why, only where Chromium is not installed (``.ci/run`` installs 
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -125,9 +126,11 @@ def test_same_report_from_every_command(fixture_reports: dict[str, Path]) -> Non
     """reweight, calibrate and select write the same report; `l0calib report` redraws it
     byte for byte from the directory's files."""
     for name, d in fixture_reports.items():
-        files = sorted(p.name for p in d.iterdir())
-        assert files == ["history.csv", "report.html", "summary.json", "targets.csv",
-                         "weight_ratios.csv"], name  # fmt: skip
+        files = ["history.csv", "report.html", "summary.json", "targets.csv",
+                 "weight_ratios.csv"]  # fmt: skip
+        assert sorted(p.name for p in d.iterdir()) == [".l0calib-report.json", *files], name
+        # the manifest lists them, so a later run may replace them
+        assert json.loads((d / ".l0calib-report.json").read_text())["files"] == files
         page = (d / "report.html").read_text()
         for section in ("Fit by target", "Weights", "Training path", "Every target"):
             assert f"<h2>{section}</h2>" in page, (name, section)
