@@ -881,7 +881,10 @@ def diagnose_targets(
     if target_records is not None and (
         isinstance(target_records, bool) or not 1 <= int(target_records) <= n
     ):
-        raise ParameterError(f"target_records must be in 1..{n}, got {target_records!r}")
+        raise ParameterError(
+            f"target_records must be between 1 and the number of records ({n:,}), "
+            f"got {target_records!r}"
+        )
 
     notes: list[str] = []
     changes: list[TargetChange] = []

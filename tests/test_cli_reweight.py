@@ -57,7 +57,7 @@ def test_reweight_writes_exact_count_and_consistent_totals(
     # input row order is kept
     assert kept["household_id"].is_monotonic_increasing
     # persons of dropped households are gone, persons of kept ones all present
-    persons_out = _read(tmp_path / f"people_reweighted.{fmt_out}")
+    persons_out = _read(tmp_path / f"small_persons.{fmt_in}")
     assert set(persons_out["person_household_id"]) <= set(kept["household_id"])
     all_people = _read(people)
     expected_people = all_people["person_household_id"].isin(kept["household_id"]).sum()
@@ -93,8 +93,8 @@ def test_default_output_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "households_reweighted.parquet",
+        "households_reweighted_persons.csv",
         "households_reweighted_report",
-        "persons_reweighted.parquet",
     ]
 
 
@@ -105,7 +105,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
             "--persons", str(TINY / "persons.csv"), "--epochs", "20", "--quiet"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    assert f"Error: {out} already exists (use --force to overwrite)" in result.stderr
+    assert f"Error: {out}: already exists (use --force to overwrite)" in result.stderr
     assert out.read_text() == "keep me"
     result = runner.invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
@@ -304,7 +304,7 @@ def test_select_hybrid_writes_exact_split(
     assert sel["selection"].value_counts().to_dict() == {"random": 180, "l0": 120}
     assert (sel["household_weight"] > 0).all()
     assert sel["household_id"].is_monotonic_increasing
-    persons_out = _read(tmp_path / f"people_selected.{fmt}")
+    persons_out = _read(tmp_path / f"sel_persons.{fmt}")
     assert set(persons_out["person_household_id"]) == set(sel["household_id"])
     # The report's estimates are the totals of the written weights.
     report = pd.read_csv(tmp_path / "sel_report" / "targets.csv")
@@ -383,8 +383,9 @@ def test_entities_follow_the_kept_households(
     assert result.exit_code == 0, result.output
     suffix = "reweighted" if command == "reweight" else "selected"
     kept = set(pd.read_parquet(f"households_{suffix}.parquet")["household_id"])
-    tu_out = pd.read_parquet(f"tu_{suffix}.parquet")
-    spm_out = pd.read_parquet(f"spm_{suffix}.parquet")
+    # Each entity is named after the output, in its own input's format.
+    tu_out = pd.read_csv(f"households_{suffix}_tax_unit.csv")
+    spm_out = pd.read_parquet(f"households_{suffix}_spm_unit.parquet")
     assert set(tu_out["tax_unit_household_id"]) == kept
     assert set(spm_out["hh"]) == kept
 
@@ -430,8 +431,8 @@ def test_two_processes_write_what_one_writes(
     a, b = pd.read_parquet("one/out.parquet"), pd.read_parquet("two/out.parquet")
     assert a["household_id"].tolist() == b["household_id"].tolist()
     assert np.allclose(a["household_weight"], b["household_weight"], rtol=1e-6)
-    pa = pd.read_parquet("one/persons_reweighted.parquet")
-    pb = pd.read_parquet("two/persons_reweighted.parquet")
+    pa = pd.read_parquet("one/out_persons.parquet")
+    pb = pd.read_parquet("two/out_persons.parquet")
     assert pa["person_id"].tolist() == pb["person_id"].tolist()
     ra = pd.read_csv("one/out_report/targets.csv")
     rb = pd.read_csv("two/out_report/targets.csv")
