@@ -192,13 +192,13 @@ def _load(
     phases: _Phases | None = None,
 ):  # fmt: skip
     phases = phases if phases is not None else _Phases(quiet=True)
-    with phases.phase("reading") as step:
+    with phases.phase("reading", inputs=True) as step:
         households = read_table(microdata)
         check_added_columns(households, microdata, weight_column)
         person_frame = read_table(persons) if persons is not None else None
         step.status = f"{len(households):,} households" + (
             f", {len(person_frame):,} persons" if person_frame is not None else "")  # fmt: skip
-    with phases.phase("building the matrix") as step:
+    with phases.phase("building the matrix", inputs=True) as step:
         em = l0calib.build_estimate_matrix(
             households, targets, person_frame, id_column=id_column,
             weight_column=weight_column, person_household_column=person_household_column,
@@ -212,7 +212,11 @@ def _load(
 class _Step:
     """One phase on the terminal: a live row with its elapsed time, or one line when done."""
 
-    def __init__(self, phases: _Phases, label: str, total: float | None) -> None:
+    def __init__(
+        self, phases: _Phases, label: str, total: float | None, *, inputs: bool = False
+    ) -> None:
+        if not inputs:
+            phases.release()
         self.phases, self.label, self.status = phases, label, ""
         self.t0 = time.perf_counter()
         self.finished = False
@@ -236,16 +240,21 @@ class _Step:
             bar.stop_task(self.task)
         elif not self.phases.quiet:
             detail = f" ({self.status})" if self.status else ""
-            _say(f"{self.label}: {time.perf_counter() - self.t0:.1f} s{detail}")
+            self.phases.say(f"{self.label}: {time.perf_counter() - self.t0:.1f} s{detail}")
 
 
 class _Phases:
     """The long phases of a command on stderr (reading, building the matrix, training,
     selecting and refitting, writing), each labelled with its elapsed time: live rows on a
-    terminal, one line per finished phase otherwise, nothing when quiet."""
+    terminal, one line per finished phase otherwise, nothing when quiet.
+
+    Without a terminal, the lines of the phases that read and check the inputs are held
+    until the inputs are found good (:meth:`release`, or the first later phase), so bad
+    input prints one message, the error, and nothing else."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
+        self.held: list[str] | None = []
         self.bar: Progress | None = None
         if not quiet and stderr.is_terminal:
             self.bar = Progress(
@@ -262,13 +271,27 @@ class _Phases:
             self.bar.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+        if exc_type is None:
+            self.release()
+
+    def say(self, line: str) -> None:
+        if self.held is not None:
+            self.held.append(line)
+        else:
+            _say(line)
+
+    def release(self) -> None:
+        """The inputs are good: print the held phase lines, and every later one at once."""
+        held, self.held = self.held, None
+        for line in held or []:
+            _say(line)
 
     @contextmanager
-    def phase(self, label: str) -> Iterator[_Step]:
-        step = _Step(self, label, None)
+    def phase(self, label: str, *, inputs: bool = False) -> Iterator[_Step]:
+        step = _Step(self, label, None, inputs=inputs)
         yield step
         step.done()
 
@@ -306,6 +329,16 @@ def _holdout(names: tuple[str, ...], holdout: str | None, fraction: float | None
     """The held-out target names (see :func:`l0calib.sharded.holdout_names`)."""
     _check_holdout(holdout, fraction)
     return holdout_names(names, holdout, fraction, seed)
+
+
+def _holdout_of(em: l0calib.EstimateMatrix, holdout: str | None, fraction: float | None,
+                seed: int):  # fmt: skip
+    """:func:`_holdout` for ``em``'s targets, the names checked now (bad input is found
+    before anything is shown of the fit)."""
+    held = _holdout(em.names, holdout, fraction, seed)
+    if held:
+        em.select_targets(held)  # raises, naming an unknown target
+    return held
 
 
 def _check_holdout(holdout: str | None, fraction: float | None) -> None:
@@ -583,12 +616,13 @@ def reweight(
                 phases=phases,
             )  # fmt: skip
             entity_frames = read_entities(outs.entities, households, id_column)
-            held = _holdout(em.names, holdout, holdout_fraction, seed)
+            held = _holdout_of(em, holdout, holdout_fraction, seed)
             # Option errors come alone, before any finding about the targets.
             check_options(
                 em.n_records, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
             )  # fmt: skip
+            phases.release()
             _warn_targets(em, quiet, exclude=held, target_records=target_records)
             with phases.fitting(epochs) as callback, warnings.catch_warnings():
                 # The CLI reports a missed tolerance itself (exit code 3).
@@ -683,8 +717,9 @@ def calibrate_command(
             phases=phases,
         )  # fmt: skip
         entity_frames = read_entities(outs.entities, households, id_column)
-        held = _holdout(em.names, holdout, None, 0)
+        held = _holdout_of(em, holdout, None, 0)
         check_method(method, parsed_bounds)
+        phases.release()
         _warn_targets(em, quiet, exclude=held, bounds=parsed_bounds)
         with phases.phase(f"calibrating ({method})"):
             result = l0calib.calibrate_exact(
@@ -887,7 +922,7 @@ def select(
     n_targets = None
     em = None
     with user_errors(), outs.plan.transaction() as tx, _Phases(quiet) as phases:
-        with phases.phase("reading"):
+        with phases.phase("reading", inputs=True):
             households = read_table(microdata)
             # Refused before any work: columns the output would add.
             for added in ("selection", f"{weight_column}_initial"):
@@ -921,7 +956,7 @@ def select(
             weights[idx] = design
             types = np.full(idx.size, "random")
         else:
-            with phases.phase("building the matrix"):
+            with phases.phase("building the matrix", inputs=True):
                 em = l0calib.build_estimate_matrix(
                     households, targets, person_frame, id_column=id_column,
                     weight_column=weight_column,
@@ -929,7 +964,7 @@ def select(
                     table_names={"households": str(microdata), "persons": str(persons)},
                 )  # fmt: skip
             n_targets = em.n_targets
-            held = _holdout(em.names, holdout, holdout_fraction, seed)
+            held = _holdout_of(em, holdout, holdout_fraction, seed)
             with ExitStack() as stack, warnings.catch_warnings():
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
                 if hybrid.n_l0 == 0:  # the random draw, then only the refit runs

@@ -28,7 +28,7 @@ TINY = FIXTURES / "tiny"
 R = ["reweight", "households.csv", "targets.csv", "--persons", "persons.csv", "--epochs", "3"]
 RNP = ["reweight", "households.csv", "targets.csv", "--epochs", "3"]  # no persons
 C = ["calibrate", "households.csv", "targets.csv", "--persons", "persons.csv"]
-S = ["select", "households.csv", "--records", "2"]
+S = ["select", "households.csv", "--target-records", "2"]
 
 
 def _hh(**changes: object) -> Callable[[Path], None]:
@@ -199,7 +199,7 @@ CASES = [
     Case("reserved-column", [*R[:1], "h2.csv", *R[2:]], 1,
          ("h2.csv: column 'household_weight_initial' already exists",),
          _hh(household_weight_initial=1.0)),
-    Case("reserved-column-select", ["select", "h2.csv", "--records", "2"], 1,
+    Case("reserved-column-select", ["select", "h2.csv", "--target-records", "2"], 1,
          ("h2.csv: column 'selection' already exists",), _hh(selection="x")),
     Case("stratify-missing", [*S, "--stratify", "county"], 1,
          ("households.csv: --stratify column 'county' is not in the data",)),

@@ -402,7 +402,7 @@ def test_entities_follow_the_kept_households(
         args += [str(SURVEY / "targets.csv"), "--persons", str(SURVEY / "persons.parquet"),
                  "--target-records", "300", "--epochs", "30"]  # fmt: skip
     else:
-        args += ["--records", "300"]
+        args += ["--target-records", "300"]
     result = runner.invoke(app, [
         command, *args, "--entity", f"tax_unit={tu}", "--entity", f"spm_unit={spm}",
         "--entity-link", "spm_unit=hh", "--quiet", *extra,
@@ -420,7 +420,7 @@ def test_entities_follow_the_kept_households(
 def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _, spm = _entity_tables(tmp_path)
-    base = ["select", str(SURVEY / "households.parquet"), "--records", "10"]
+    base = ["select", str(SURVEY / "households.parquet"), "--target-records", "10"]
     result = runner.invoke(app, [*base, "--entity", f"spm_unit={spm}"])
     assert result.exit_code == 1
     assert "column 'spm_unit_household_id' (the household id of spm_unit) is missing" in (

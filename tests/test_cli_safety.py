@@ -64,7 +64,7 @@ def test_report_dir_dot_with_force_keeps_everything_else(
     assert {k: v for k, v in after.items() if k in before} == before
     assert sorted(set(after) - set(before)) == [
         ".l0calib-report.json", "history.csv", "out", "out/o.csv", "out/o_persons.csv",
-        "summary.json", "targets.csv",
+        "report.html", "summary.json", "targets.csv", "weight_ratios.csv",
     ]  # fmt: skip
     result = runner.invoke(app, [*args, "-o", "o2.csv", "--report-dir", "results", "--force"])
     assert result.exit_code == 0, result.output
