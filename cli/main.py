@@ -28,6 +28,7 @@ from rich.table import Table
 import l0calib
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
+from l0calib.hdf5 import is_hdf5
 from l0calib.io import atomic_path, count_rows, read_table, table_format, write_frame
 from l0calib.policyengine import prune_entities
 from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
@@ -261,6 +262,9 @@ def reweight(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
     dtype: str = typer.Option("float32", "--dtype", help="Training precision: float32 or float64."),
+    period: str | None = typer.Option(
+        None, "--period", help="HDF5 input: the period (e.g. 2024) to read and reweight."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -268,8 +272,24 @@ def reweight(
 
     Writes the kept households with their new weights (the initial weight kept as
     `<weight column>_initial`), the kept households' persons with `--persons`, and a
-    report directory (targets.csv, summary.json, history.csv).
+    report directory (targets.csv, summary.json, history.csv). A PolicyEngine HDF5 dataset
+    (`.h5`) is read whole (persons and every entity from the file, `--period` choosing
+    the period) and written back pruned, in the same layout (`-o small.h5`).
     """
+    if is_hdf5(microdata):
+        if persons is not None or entity or entity_link or nproc > 1 or checkpoint is not None:
+            raise typer.BadParameter(
+                "an HDF5 dataset holds its persons and entities: --persons, --entity, "
+                "--entity-link, --nproc and --checkpoint do not apply"
+            )
+        fit = {"target_records": target_records, "lambda_l0": lambda_l0,
+               "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
+               "device": device, "log_path": log, "dtype": dtype}  # fmt: skip
+        _reweight_hdf5(microdata, targets, output, report_dir, period, fit, holdout,
+                       holdout_fraction, force, quiet)  # fmt: skip
+        return
+    if period is not None:
+        raise typer.BadParameter("only for HDF5 input (.h5)", param_hint="--period")
     job = _Job.plan(microdata, targets, persons, output, report_dir, log, force,
                     entity=entity, entity_link=entity_link)  # fmt: skip
     if resume and checkpoint is None:
@@ -309,6 +329,46 @@ def reweight(
         job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
                   entity_frames)  # fmt: skip
     job.finish(result, quiet)
+
+
+def _reweight_hdf5(
+    microdata: Path, targets: Path, output: Path | None, report_dir: Path | None,
+    period: str | None, fit: dict, holdout: str | None, holdout_fraction: float | None,
+    force: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """`reweight` of a PolicyEngine HDF5 dataset: read one period, calibrate the households
+    (person targets through person_household_id), write the pruned file and the report."""
+    from l0calib.hdf5 import read_hdf5, write_hdf5
+
+    out = output if output is not None else Path(f"{microdata.stem}_reweighted.h5")
+    if not is_hdf5(out):
+        raise typer.BadParameter("an HDF5 input is written as HDF5: give a .h5 path",
+                                 param_hint="-o")  # fmt: skip
+    report = report_dir if report_dir is not None else out.with_name(f"{out.stem}_report")
+    if not force:
+        for p in (out, report, fit["log_path"]):
+            if p is not None and p.exists():
+                _say(f"Error: {p} already exists (use --force to overwrite)")
+                raise typer.Exit(code=1)
+    start = time.perf_counter()
+    with user_errors():
+        data = read_hdf5(microdata, period=period)
+        em = l0calib.build_estimate_matrix(data.households, targets, data.persons)
+        held = _holdout(em.names, holdout, holdout_fraction, fit["seed"])
+        bar, callback = _fit_progress(quiet, fit["epochs"])
+        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+            result = l0calib.calibrate(em, holdout=held, callback=callback, **fit)
+        extra = {"command": " ".join(["l0calib", *sys.argv[1:]]), "microdata": str(microdata),
+                 "targets": str(targets), "output": str(out), "period": data.period}  # fmt: skip
+        with atomic_path(out) as tmp:
+            write_hdf5(microdata, tmp, result.weights, period=data.period)
+            extra["seconds_total"] = time.perf_counter() - start
+            write_report(result, report, n_targets=em.n_targets, extra=extra, overwrite=force)
+    if not quiet:
+        stdout.print(_final_table(result))
+        stdout.print(f"wrote {out}, {report}/")
+    _exit_for(result.converged, result.info["max_abs_rel_error"])
 
 
 @dataclass
