@@ -402,6 +402,13 @@ def reweight(
                 "an HDF5 dataset holds its persons and entities: --persons, --entity, "
                 "--entity-link, --nproc and --checkpoint do not apply"
             )
+        names = (id_column, weight_column, person_household_column)
+        if names != ("household_id", "household_weight", "person_household_id"):
+            raise typer.BadParameter(
+                "an HDF5 dataset uses PolicyEngine's names (household_id, household_weight, "
+                "person_household_id): --id-column, --weight-column and "
+                "--person-household-column do not apply"
+            )
         _check_holdout(holdout, holdout_fraction)
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
