@@ -175,6 +175,15 @@ class SparseCalibrationWeights(nn.Module):
         Read at every use, as in the reference: assigning them changes the gates.
     result_ : CalibrationResult or None
         The report of the last ``fit``.
+
+    Example
+    -------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> M = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    >>> model = SparseCalibrationWeights(3, init_weights=1.0, seed=0)
+    >>> model = model.fit(M, np.array([4.0, 4.0]), lambda_l0=0.0, lr=0.1, epochs=50)
+    >>> model.predict(M).shape, sorted(model.state_dict())
+    (torch.Size([2]), ['log_alpha', 'log_weight'])
     """
 
     LOG_ALPHA_BOUND: float = 20.0
@@ -294,6 +303,7 @@ class SparseCalibrationWeights(nn.Module):
         gates = self._gates
         gates._parameters["log_alpha"] = self._parameters["log_alpha"]
         gates._buffers["draws"] = fn(gates._buffers["draws"])
+        self.device = self.log_weight.device
         self._fit, self._operator = None, None
         return out
 
@@ -604,6 +614,7 @@ class SparseCalibrationWeights(nn.Module):
                 self.log_weight.add_(noise * self.log_weight_jitter_sd)
         self.fit_calls += 1
         self._final = None
+        self._operator = None  # the engine holds its own copy of M while it trains
         fit = self._trainer(pb, lambda_l0, lambda_l2, lr)
         fit.lambda_l0 = 0.0 if target_records is not None else float(lambda_l0)
         steered = target_records if (target_records is not None and self.use_gates) else None
