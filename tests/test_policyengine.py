@@ -189,7 +189,7 @@ def test_assigning_parameters_and_gate_settings() -> None:
         expected = (torch.sigmoid(bounded / beta) * (zeta - gamma) + gamma).clamp(0, 1)
         assert torch.allclose(model.get_deterministic_gates(), expected)
         shift = beta * math.log(-gamma / zeta) if gamma < 0 else -math.inf
-        assert float(model.get_l0_penalty()) == pytest.approx(
+        assert float(model.get_l0_penalty().detach()) == pytest.approx(
             float(torch.sigmoid(bounded - shift).sum()), rel=1e-6
         )
     z = model._sample_gates()
