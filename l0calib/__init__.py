@@ -14,6 +14,7 @@ from l0calib.exceptions import (
     ConvergenceWarning,
     DataError,
     L0CalibError,
+    OutputError,
     ParameterError,
     TargetError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "L0Conv2d",
     "L0Gate",
     "L0Linear",
+    "OutputError",
     "ParameterError",
     "Progress",
     "SampleGate",
