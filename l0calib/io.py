@@ -79,7 +79,8 @@ def read_table(
         Read only these columns (every one must exist).
     text_columns : bool, default False
         Read every CSV column as text (no type inference), as the targets reader does so
-        that names such as ``01`` keep their leading zero. Ignored for Parquet.
+        that names such as ``01`` keep their leading zero; only empty cells are missing
+        (``nan`` or ``NA`` stay text). Ignored for Parquet.
     rows : (start, stop), optional
         Read only rows ``start:stop`` (0-based, header excluded): one process's share of a
         large file. Parquet reads only the row groups that overlap; CSV streams through the
@@ -200,10 +201,11 @@ def _read_where(
 
 def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> Any:
     try:
-        dtype: Any = str if text else {c: str for c in _code_columns(p)}
-        return pd.read_csv(
-            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=dtype, **kwargs,
-        )  # fmt: skip
+        if text:  # every cell as written; only an empty one is missing ("nan" is text)
+            kwargs.update(dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            kwargs.update(dtype={c: str for c in _code_columns(p)})
+        return pd.read_csv(p, usecols=columns, encoding="utf-8-sig", low_memory=False, **kwargs)
     except UnicodeDecodeError as exc:
         line = _line_of_byte(p, exc.start)
         raise DataError(
