@@ -401,6 +401,9 @@ class Transaction:
     # ------------------------------------------------------------------ commit / rollback
     def _place(self, tmp: Path, dest: Path) -> None:
         backup = None
+        if os.path.lexists(dest) and not self.plan.force:
+            # It appeared while the run was fitting: still not ours to replace.
+            raise OutputError(f"{dest}: already exists (use --force to overwrite)")
         if os.path.lexists(dest):
             backup = partial_path(dest)
             os.replace(dest, backup)
