@@ -6,6 +6,7 @@ missed the requested tolerance.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -25,6 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import l0calib
+from l0calib.calibrate import check_options
+from l0calib.classic import check_method
+from l0calib.diagnose import annotate_check, check_records, diagnose_targets
 from l0calib.diagnostics import check_targets
 from l0calib.exceptions import L0CalibError
 from l0calib.io import read_table
@@ -432,6 +436,12 @@ def reweight(
             )
             entity_frames = read_entities(outs.entities, households, id_column)
             held = _holdout(em.names, holdout, holdout_fraction, seed)
+            # Option errors come alone, before any finding about the targets.
+            check_options(
+                em.n_records, target_records=target_records, lambda_l0=lambda_l0,
+                lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
+            )  # fmt: skip
+            _warn_targets(em, quiet, exclude=held, target_records=target_records)
             bar, callback = _fit_progress(quiet, epochs)
             with bar if bar is not None else ExitStack(), warnings.catch_warnings():
                 # The CLI reports a missed tolerance itself (exit code 3).
@@ -455,6 +465,16 @@ def _torchrun_rank() -> tuple[int, int] | None:
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return None
+
+
+def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in bounds.split(","))
+    except ValueError:
+        raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
+    return lo, hi
 
 
 def _exit_for(converged: bool, max_error: float) -> None:
@@ -503,13 +523,7 @@ def calibrate_command(
     fails with a clear message when targets are linearly dependent or infeasible. Writes
     the same files as `reweight`.
     """
-    parsed_bounds = None
-    if bounds is not None:
-        try:
-            lo, hi = (float(x) for x in bounds.split(","))
-        except ValueError:
-            raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
-        parsed_bounds = (lo, hi)
+    parsed_bounds = _parse_bounds(bounds)
     outs = _plan_outputs(microdata, targets, persons, output, report_dir, None, force,
                          entity=entity, entity_link=entity_link)  # fmt: skip
     with user_errors(), outs.plan.transaction() as tx:
@@ -518,6 +532,8 @@ def calibrate_command(
         )
         entity_frames = read_entities(outs.entities, households, id_column)
         held = _holdout(em.names, holdout, None, 0)
+        check_method(method, parsed_bounds)
+        _warn_targets(em, quiet, exclude=held, bounds=parsed_bounds)
         result = l0calib.calibrate_exact(
             em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
             max_iter=max_iter,
@@ -541,19 +557,51 @@ def check(
     person_household_column: str = PERSON_LINK,
     min_support: int = typer.Option(10, "--min-support", help="Flag targets with fewer records."),
     all_targets: bool = typer.Option(False, "--all", help="List every target, not only flagged."),
+    target_records: int | None = typer.Option(
+        None, "--target-records", help="Also flag targets at risk when only K households are kept."
+    ),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="LO,HI bounds on w / w0 the weights must stay within."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
-    """Validate microdata and targets without fitting; print a table per target.
+    """Validate microdata and targets without fitting: can the targets all be met?
 
     Shows each target's support (records contributing), initial estimate and error, and
-    flags: zero support, tiny support, duplicate of or linear combination of other targets.
-    Exits with 1 when a target cannot be used.
+    flags: zero support, tiny support, duplicate of or linear combination of other targets
+    (and whether their values agree). Then whether non-negative weights (within `--bounds`)
+    can meet every target within its tolerance; if not, the least change to the target
+    values that would, and the smallest sets of targets that contradict each other. With
+    `--target-records K`, the targets a K-record sample would likely miss. Exits with 1 when
+    a target cannot be used, 3 when the targets cannot all be met, else 0.
     """
+    parsed_bounds = _parse_bounds(bounds)
     with user_errors():
         _, _, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column,
             allow_zero_support=True,
         )  # fmt: skip
-        table_rows = check_targets(em, min_support=min_support)
+        diagnosis = diagnose_targets(em, bounds=parsed_bounds, target_records=target_records)
+        table_rows = annotate_check(
+            check_targets(em, min_support=min_support, dependencies=diagnosis.dependent_names()),
+            diagnosis,
+        )
+    unusable = table_rows.loc[~table_rows["usable"], "name"].tolist()
+    if json_output:
+        out = {"targets_file": str(targets), **diagnosis.to_dict(),
+               "targets": check_records(table_rows)}  # fmt: skip
+        stdout.print_json(json.dumps(out, allow_nan=False))
+    else:
+        _show_check(targets, em, table_rows, diagnosis, all_targets)
+    if unusable:
+        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
+        raise typer.Exit(code=1)
+    if not diagnosis.feasible:
+        raise typer.Exit(code=EXIT_TOLERANCE)
+
+
+def _show_check(targets: Path, em, table_rows, diagnosis, all_targets: bool) -> None:
+    """The `check` tables: flagged targets, the least change, the conflicts, the risks."""
     shown = table_rows if all_targets else table_rows[table_rows["flags"] != ""]
     table = Table(title=f"{targets.name}: {em.n_targets} targets, {em.n_records:,} households")
     for col in ("target", "support", "initial estimate", "initial rel error"):
@@ -566,12 +614,39 @@ def check(
         )  # fmt: skip
     if len(shown):
         stdout.print(table)
+    if diagnosis.changes:
+        moves = Table(title="least change to the targets that makes them feasible")
+        for col in ("target", "value", "required value", "change"):
+            moves.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
+        for c in diagnosis.changes:
+            moves.add_row(escape(c.name), f"{c.value:,.0f}", f"{c.required_value:,.0f}",
+                          f"{c.rel_change:+.3%}")  # fmt: skip
+        stdout.print(moves)
+    for i, c in enumerate(diagnosis.conflicts, start=1):
+        stdout.print(f"conflict {i}: {escape(c.message)}", soft_wrap=True, highlight=False)
+    if not diagnosis.conflicts_complete:
+        stdout.print("the conflict search stopped early; more contradictions may remain")
     flagged = int((table_rows["flags"] != "").sum())
-    unusable = table_rows.loc[~table_rows["usable"], "name"].tolist()
-    stdout.print(f"{em.n_targets} targets checked, {flagged} flagged, {len(unusable)} unusable.")
-    if unusable:
-        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
-        raise typer.Exit(code=1)
+    unusable = int((~table_rows["usable"]).sum())
+    verdict = (
+        "all can be met"
+        if diagnosis.feasible
+        else f"they cannot all be met ({len(diagnosis.conflicts)} conflicts; least total "
+        f"change {diagnosis.total_rel_change:.3%})"
+    )
+    stdout.print(
+        f"{em.n_targets} targets checked, {flagged} flagged, {unusable} unusable; {verdict}."
+    )
+
+
+def _warn_targets(em, quiet: bool, **options) -> None:
+    """`check`'s findings as warnings before a fit (they never stop it). Conflicts are
+    named with a small LP budget; `l0calib check` names them all."""
+    if quiet:
+        return
+    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
+    for line in diagnosis.messages(limit=5):
+        _say(f"Warning: {line}")
 
 
 @app.command(epilog=EXIT_CODES_HELP)

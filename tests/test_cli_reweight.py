@@ -164,13 +164,19 @@ def test_missed_tolerance_exits_3_with_outputs(tmp_path: Path) -> None:
 
 
 def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
+    # The fixture's targets are drawn with 2% noise, so its three identities (tenures, AGI
+    # bands and age x sex cells each add up to state totals) do not hold: exit code 3.
     result = runner.invoke(app, ["check", str(SURVEY / "households.parquet"),
                                  str(SURVEY / "targets.csv"), "--persons",
                                  str(SURVEY / "persons.parquet")])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "236 targets checked" in result.stdout
     assert "tiny support" in result.stdout
     assert "linear combination of" in result.stdout
+    assert "values disagree: they give" in result.stdout
+    assert "least change to the targets that makes them feasible" in result.stdout
+    assert "conflict 1: the sum of the 3 tenure targets" in result.stdout
+    assert "they cannot all be met (3 conflicts" in result.stdout
     bad = tmp_path / "t.csv"
     bad.write_text("name,value,filter\nnobody,5,state == 'WA'\nok,1,\ndup,2,\n")
     result = runner.invoke(app, ["check", str(TINY / "households.csv"), str(bad)])
@@ -178,6 +184,53 @@ def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
     assert "zero support" in result.stdout
     assert "duplicate of ok" in result.stdout
     assert "Error: 1 target(s) cannot be used: nobody" in result.stderr
+
+
+def test_check_feasible_json_risk_and_bounds(tmp_path: Path) -> None:
+    # Households and California's households: both can be met, exit 0.
+    ok = tmp_path / "t.csv"
+    ok.write_text('name,value,filter\nhouseholds,600,\nhouseholds_CA,320,"state == ""CA"""\n')
+    args = ["check", str(TINY / "households.csv"), str(ok)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 targets checked" in result.stdout
+    assert "all can be met" in result.stdout
+    result = runner.invoke(app, [*args, "--json", "--target-records", "2"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["feasible"] is True
+    assert found["target_records"] == 2
+    assert [r["name"] for r in found["targets"]] == ["households", "households_CA"]
+    # 2 of the 5 households are in CA: a draw of 2 misses both with probability 3/10
+    (risk,) = found["pruning_risks"]
+    assert risk["name"] == "households_CA"
+    assert risk["p_short"] == pytest.approx(0.3)
+    # Tight bounds make some target unreachable: exit 3, named in the JSON.
+    result = runner.invoke(app, [*args, "--json", "--bounds", "0.99,1.01"])
+    assert result.exit_code == 3, result.output
+    found = json.loads(result.stdout)
+    assert found["feasible"] is False
+    assert found["conflicts"]
+    assert found["changes"]
+    assert found["bounds"] == [0.99, 1.01]
+    result = runner.invoke(app, [*args, "--bounds", "1"])
+    assert result.exit_code == 2
+
+
+def test_reweight_warns_about_infeasible_targets(tmp_path: Path) -> None:
+    bad = tmp_path / "t.csv"
+    bad.write_text(
+        (TINY / "targets.csv").read_text() + 'more_CA,999,,"state == ""CA""",household,,,\n'
+    )
+    result = runner.invoke(app, [
+        "reweight", str(TINY / "households.csv"), str(bad), "--persons", str(TINY / "persons.csv"),
+        "--epochs", "5", "-o", str(tmp_path / "o.csv"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Warning: the targets cannot all be met" in result.stderr
+    assert "Warning: households_CA (320) is below" in result.stderr or (
+        "Warning: more_CA (999) is above" in result.stderr
+    )
 
 
 def test_installed_script_runs_reweight(tmp_path: Path) -> None:
