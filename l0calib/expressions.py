@@ -40,6 +40,7 @@ __all__ = ["ColumnSource", "Expression", "ExpressionError", "parse_expression"]
 
 MAX_LENGTH = 10_000
 MAX_DEPTH = 64
+MAX_TERMS = 256  # terms of one chain of binary operators (a + b + ...)
 MEMO_SIZE = 64  # sub-expression results kept per table
 _MEMO_NODES = (ast.Compare, ast.BoolOp)  # boolean results: 1 byte per row
 FUNCTIONS = {"abs": 1, "where": 3, "clip": 3, "isnull": 1}
@@ -391,6 +392,20 @@ def _validate(tree: ast.Expression, text: str, quoted: Mapping[str, str]) -> Non
             continue
         elif isinstance(node, (ast.List, ast.Tuple)):
             raise ExpressionError("a list may only appear after 'in' / 'not in'")
+        if isinstance(node, ast.BinOp) and isinstance(node.left, ast.BinOp):
+            # A flat sum (a + b + c ...) is a chain down the left, not nesting: it counts
+            # once, up to MAX_TERMS terms (the evaluator recurses along it).
+            terms, left = 2, node.left
+            while isinstance(left, ast.BinOp):
+                terms, left = terms + 1, left.left
+            if terms > MAX_TERMS:
+                raise ExpressionError(
+                    f"expression chains more than {MAX_TERMS} terms with operators; split it "
+                    "into several targets or variables"
+                )
+            stack.append((node.left, depth))
+            stack.append((node.right, depth + 1))
+            continue
         stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
