@@ -404,6 +404,9 @@ class Transaction:
     # ------------------------------------------------------------------ commit / rollback
     def _place(self, tmp: Path, dest: Path) -> None:
         backup = None
+        if os.path.lexists(dest) and not self.plan.force:
+            # It appeared while the run was fitting: still not ours to replace.
+            raise OutputError(f"{dest}: already exists (use --force to overwrite)")
         if os.path.lexists(dest):
             backup = partial_path(dest)
             os.replace(dest, backup)
@@ -418,10 +421,10 @@ class Transaction:
     def commit(self) -> None:
         """Move every written file into place, the main table last."""
         plan = self.plan
-        roles = [r for r in self._temps if r != "table"]
-        if "table" in self._temps:
-            roles.append("table")
-        report_first = [r for r in roles if r != "table"]
+        # Persons, entity tables, log; then the report; the main table last.
+        rank = {"persons": 0, "log": 2}
+        report_first = sorted((r for r in self._temps if r != "table"),
+                              key=lambda r: (rank.get(r, 1), r))  # fmt: skip
         try:
             for role in report_first:
                 self._place(self._temps[role], plan.files()[role])
