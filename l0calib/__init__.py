@@ -15,6 +15,7 @@ from l0calib.exceptions import (
     ConvergenceWarning,
     DataError,
     L0CalibError,
+    OutputError,
     ParameterError,
     TargetError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "L0Conv2d",
     "L0Gate",
     "L0Linear",
+    "OutputError",
     "ParameterError",
     "Progress",
     "SampleGate",
