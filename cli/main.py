@@ -1,7 +1,7 @@
 """The ``l0calib`` Typer application: parse options, call the library, render results.
 
 Exit codes: 0 success; 1 bad input or data error; 2 usage error; 3 the fit finished but
-missed the requested tolerance.
+missed the requested tolerance or left fitted targets missed by far.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
-    "3 the fit finished but missed the requested tolerance."
+    "3 the fit finished but missed the requested tolerance or left targets missed by far."
 )
 EXIT_TOLERANCE = 3
 
@@ -245,6 +245,15 @@ def reweight(
     tol: float | None = typer.Option(
         None, "--tol", help="Requested max abs relative error; missing it exits with 3."
     ),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="LO,HI bounds on final / inflated initial weight, e.g. 0.2,5."
+    ),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="A fitted target off by more than this (relative), or at -100 %, is named as "
+        "missed, and the run exits with 3.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
@@ -276,6 +285,7 @@ def reweight(
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--nproc")
+    ratio_bounds = _parse_bounds(bounds)
     launched = _torchrun_rank()
     if nproc > 1 or checkpoint is not None or launched is not None:
         params = _ShardedRun(
@@ -285,10 +295,12 @@ def reweight(
             epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction,
             tol=tol, seed=seed, device=device, dtype=dtype, log=log, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, job=job,
+            bounds=ratio_bounds, max_error=max_error,
         )  # fmt: skip
         summary = _run_sharded(params, nproc, launched)
         if summary is not None:  # rank 0 under torchrun, or the parent of local workers
-            _exit_for(summary["converged"], summary["max_abs_rel_error"])
+            _exit_for(summary["converged"], summary["max_abs_rel_error"],
+                      summary.get("missed_targets"))  # fmt: skip
         return
     with user_errors():
         households, person_frame, em = _load(
@@ -297,14 +309,17 @@ def reweight(
         entity_frames = job.read_entities(households, id_column)
         held = _holdout(em.names, holdout, holdout_fraction, seed)
         bar, callback = _fit_progress(quiet, epochs)
-        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
-            # The CLI reports a missed tolerance itself (exit code 3).
+        with bar if bar is not None else ExitStack(), warnings.catch_warnings(record=True) as seen:
+            # The CLI reports a missed tolerance and missed targets itself (exit code 3).
             warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+            warnings.simplefilter("always", l0calib.CoverageWarning)
             result = l0calib.calibrate(
                 em, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                 seed=seed, device=device, callback=callback, log_path=log, dtype=dtype,
+                bounds=ratio_bounds, max_error=max_error,
             )  # fmt: skip
+        _say_warnings(seen)
         kept = apply_weights(households, result, weight_column=weight_column)
         job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
                   entity_frames)  # fmt: skip
@@ -338,6 +353,8 @@ class _ShardedRun:
     resume: bool
     quiet: bool
     job: _Job
+    bounds: tuple[float, float] | None = None
+    max_error: float | None = 0.5
 
 
 def _torchrun_rank() -> tuple[int, int] | None:
@@ -454,7 +471,7 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                     seed=params.seed, device=params.device, dtype=params.dtype,
                     callback=callback, log_path=params.log,
                     checkpoint_dir=params.checkpoint, checkpoint_every=params.checkpoint_every,
-                    resume=params.resume,
+                    resume=params.resume, bounds=params.bounds, max_error=params.max_error,
                 )  # fmt: skip
             kept = apply_weights(households, result, weight_column=params.weight_column)
             kept_persons = None
@@ -486,7 +503,8 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                          params.person_household_column, entities_out)  # fmt: skip
         params.job.show(result, params.quiet)
         return {"converged": result.converged,
-                "max_abs_rel_error": result.info["max_abs_rel_error"]}  # fmt: skip
+                "max_abs_rel_error": result.info["max_abs_rel_error"],
+                "missed_targets": result.info.get("missed_targets", [])}  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -597,7 +615,8 @@ class _Job:
     def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         self.show(result, quiet)
         if result is not None:
-            _exit_for(result.converged, result.info["max_abs_rel_error"])
+            _exit_for(result.converged, result.info["max_abs_rel_error"],
+                      result.info.get("missed_targets"))  # fmt: skip
 
     def show(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         """The summary table and the list of files written."""
@@ -611,12 +630,38 @@ class _Job:
             stdout.print(f"wrote {', '.join(w for w in written if w)}")
 
 
-def _exit_for(converged: bool, max_error: float) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance."""
-    if not converged:
+def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
+    """``--bounds LO,HI`` as two floats (checked by the library)."""
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in bounds.split(","))
+    except ValueError:
+        raise typer.BadParameter("expected two numbers: LO,HI", param_hint="--bounds") from None
+    return lo, hi
+
+
+def _say_warnings(seen: list) -> None:
+    """Print the library's coverage warnings (recorded during a fit) on the terminal."""
+    for w in seen:
+        if issubclass(w.category, l0calib.CoverageWarning):
+            _say(f"Warning: {w.message}")
+
+
+def _exit_for(converged: bool, max_error: float, missed: list[str] | None = None) -> None:
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance or left
+    fitted targets far off (named on the terminal)."""
+    if missed:
+        listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
         _say(
-            "Warning: the fit finished but missed the requested tolerance (max abs rel "
-            f"error {max_error:.3%}); outputs were written."
+            f"Warning: {len(missed)} fitted target(s) missed by far (at -100 % or beyond "
+            f"--max-error): {listed}; see missed_targets in summary.json."
+        )
+    if not converged:
+        what = "missed targets" if missed else "missed the requested tolerance"
+        _say(
+            f"Warning: the fit finished but {what} (max abs rel error {max_error:.3%}); "
+            "outputs were written."
         )
         raise typer.Exit(code=EXIT_TOLERANCE)
 

@@ -12,6 +12,7 @@ from l0calib.datasets import SyntheticSurvey, synthetic_survey
 from l0calib.exceptions import (
     CalibrationError,
     ConvergenceWarning,
+    CoverageWarning,
     DataError,
     L0CalibError,
     ParameterError,
@@ -39,6 +40,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationResult",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "EstimateMatrix",
     "FeatureGate",

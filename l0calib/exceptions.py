@@ -11,7 +11,9 @@ Python conventions keeps working::
     ├── TargetError(ValueError)      a target definition or expression is unusable
     └── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
 
-    ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance
+    ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance,
+                                     or with targets missed by far
+    CoverageWarning(UserWarning)     the record count asked for may not cover every target
 
 Messages say what is wrong, where (file, row, column, target name), what was found and
 what was expected. They never include microdata values beyond what is needed to locate
@@ -23,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "L0CalibError",
     "ParameterError",
@@ -68,3 +71,8 @@ class CalibrationError(L0CalibError):
 
 class ConvergenceWarning(UserWarning):
     """A fit stopped before meeting the requested tolerance; results are still returned."""
+
+
+class CoverageWarning(UserWarning):
+    """Before training: the requested record count may be too small to keep enough
+    supporting records of every fitted target (the warning names them)."""
