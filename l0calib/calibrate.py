@@ -942,6 +942,7 @@ def _select_and_refit(
     refit_max_iter: int,
     coverage_records: int = COVERAGE_RECORDS,
     bounds: tuple[float, float] | None = None,
+    cover: Coverage | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Keep exactly ``k_goal`` records (or the open gates) and refit their weights.
 
@@ -959,15 +960,15 @@ def _select_and_refit(
     scores = fit.keep_scores()
     rank = -np.where(fixed, np.inf, scores) if fixed is not None else -scores
     order = np.argsort(rank, kind="stable")
-    cover = None
     exchanged = 0
     if k_goal is not None:
         kept = np.zeros(n, dtype=bool)
         kept[order[:k_goal]] = True
-        if coverage_records > 0 and k_goal < n:
-            # Every fitted target keeps min(support, m) supporters (l0calib.coverage).
+        if cover is None and coverage_records > 0 and k_goal < n:
             need = coverage_needs(pb.em.support(), pb.fitted, coverage_records)
             cover = Coverage(pb.em.matrix, need)
+        if cover is not None:
+            # Every fitted target keeps min(support, m) supporters (l0calib.coverage).
             kept, exchanged = cover.cover(kept, order, fixed)
     else:
         kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
@@ -1005,11 +1006,10 @@ def _check_coverage(coverage: Any) -> int:
 
 
 def _warn_coverage(
-    pb: _Problem, support: np.ndarray, k_goal: int, m: int, fixed: np.ndarray | None
+    pb: _Problem, cover: Coverage, k_goal: int, m: int, fixed: np.ndarray | None
 ) -> None:
     """Before training: warn when ``k_goal`` records look too few to keep
     ``min(support, m)`` supporters of every fitted target (naming them)."""
-    cover = Coverage(pb.em.matrix, coverage_needs(support, pb.fitted, m))
     n_fixed = 0 if fixed is None else int(fixed.sum())
     at_risk = coverage_risk(cover, k_goal - n_fixed, pb.em.names, fixed)
     if at_risk:
@@ -1206,8 +1206,10 @@ def calibrate(
         nonneg("max_error", max_error)
     coverage = _check_coverage(coverage)
     k_goal = target_records
+    cover = None
     if k_goal is not None and k_goal < n and coverage:
-        _warn_coverage(pb, pb.em.support(), k_goal, coverage, fixed)
+        cover = Coverage(pb.em.matrix, coverage_needs(pb.em.support(), pb.fitted, coverage))
+        _warn_coverage(pb, cover, k_goal, coverage, fixed)
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
     fit = _Fit(
         pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
@@ -1222,7 +1224,7 @@ def calibrate(
         weights_out, before, info, scores = _select_and_refit(
             fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
             refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
-            coverage_records=coverage, bounds=bounds,
+            coverage_records=coverage, bounds=bounds, cover=cover,
         )  # fmt: skip
         if log.path is not None:
             log.write(loop.epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))

@@ -55,8 +55,12 @@ class Coverage:
         need = np.asarray(need, dtype=np.int64)
         self.rows = np.flatnonzero(need > 0)
         self.need = need[self.rows]
-        sub = sp.csr_matrix(matrix)[self.rows]
-        sub.eliminate_zeros()
+        sub = sp.csr_matrix(matrix)
+        if self.rows.size < need.size:
+            sub = sub[self.rows]
+        if not (sub.data != 0).all():
+            sub = sub.copy()
+            sub.eliminate_zeros()
         pattern = sp.csr_matrix(
             (np.ones(sub.nnz, dtype=np.int32), sub.indices, sub.indptr), shape=sub.shape
         )
@@ -186,6 +190,8 @@ def coverage_risk(
             continue
         sup = coverage._records_of(int(k))
         cand = sup[~kept[sup]]
+        if cand.size > 4 * missing:  # a large target: only its best few matter
+            cand = cand[np.argpartition(-useful[cand], missing)[:missing]]
         cand = cand[np.argsort(-useful[cand], kind="stable")][:missing]
         if cand.size > left:
             at_risk.append(int(k))

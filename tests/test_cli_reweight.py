@@ -44,9 +44,13 @@ def test_reweight_writes_exact_count_and_consistent_totals(
     monkeypatch.chdir(tmp_path)
     hh, people, targets = _copy_inputs(tmp_path, fmt_in)
     out = tmp_path / f"small.{fmt_out}"
+    # A 60-epoch fit (for speed) at 400 of 5,000 records leaves two state income totals
+    # 65-77 % off, which by default exits with 3 (tests/test_coverage.py); this test is
+    # about the files written, so it raises --max-error past them.
     result = runner.invoke(app, [
         "reweight", str(hh), str(targets), "--persons", str(people), "--target-records", "400",
         "--epochs", "60", "-o", str(out), "--holdout", "snap_hh_CA,snap_hh_TX", "--quiet",
+        "--max-error", "0.9",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout == ""  # --quiet
