@@ -300,7 +300,7 @@ def reweight(
         summary = _run_sharded(params, nproc, launched)
         if summary is not None:  # rank 0 under torchrun, or the parent of local workers
             _exit_for(summary["converged"], summary["max_abs_rel_error"],
-                      summary.get("missed_targets"))  # fmt: skip
+                      summary.get("missed_targets"), tol)  # fmt: skip
         return
     with user_errors():
         households, person_frame, em = _load(
@@ -323,7 +323,7 @@ def reweight(
         kept = apply_weights(households, result, weight_column=weight_column)
         job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
                   entity_frames)  # fmt: skip
-    job.finish(result, quiet)
+    job.finish(result, quiet, tol)
 
 
 @dataclass
@@ -612,11 +612,13 @@ class _Job:
                     result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force
                 )
 
-    def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
+    def finish(
+        self, result: l0calib.CalibrationResult | None, quiet: bool, tol: float | None = None
+    ) -> None:
         self.show(result, quiet)
         if result is not None:
             _exit_for(result.converged, result.info["max_abs_rel_error"],
-                      result.info.get("missed_targets"))  # fmt: skip
+                      result.info.get("missed_targets"), tol)  # fmt: skip
 
     def show(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         """The summary table and the list of files written."""
@@ -648,7 +650,9 @@ def _say_warnings(seen: list) -> None:
             _say(f"Warning: {w.message}")
 
 
-def _exit_for(converged: bool, max_error: float, missed: list[str] | None = None) -> None:
+def _exit_for(
+    converged: bool, max_error: float, missed: list[str] | None = None, tol: float | None = None
+) -> None:
     """Exit code 3 (with a warning) when the fit missed the requested tolerance or left
     fitted targets far off (named on the terminal)."""
     if missed:
@@ -658,7 +662,12 @@ def _exit_for(converged: bool, max_error: float, missed: list[str] | None = None
             f"--max-error): {listed}; see missed_targets in summary.json."
         )
     if not converged:
-        what = "missed targets" if missed else "missed the requested tolerance"
+        parts = []
+        if not missed or (tol is not None and max_error > tol):
+            parts.append("missed the requested tolerance")
+        if missed:
+            parts.append("left fitted targets missed by far")
+        what = " and ".join(parts)
         _say(
             f"Warning: the fit finished but {what} (max abs rel error {max_error:.3%}); "
             "outputs were written."
@@ -816,6 +825,12 @@ def select(
     entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="With --targets: a fitted target off by more than this (relative), or at "
+        "-100 %, is named as missed, and the run exits with 3.",
+    ),
 ) -> None:
     """Select exactly N households: part chosen by the L0 engine, part drawn at random.
 
@@ -873,7 +888,7 @@ def select(
             with bar if bar is not None else ExitStack(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
                 hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
-                           callback=callback)  # fmt: skip
+                           callback=callback, max_error=max_error)  # fmt: skip
             result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
         if "selection" in households.columns:
             raise l0calib.DataError(f"{microdata}: column 'selection' already exists")

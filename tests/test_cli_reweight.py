@@ -20,6 +20,11 @@ from .conftest import FIXTURES, ROOT
 # A wide terminal, so rich tables do not fold the text the tests look for.
 runner = CliRunner(env={"COLUMNS": "250"})
 SURVEY = FIXTURES / "survey_5k"
+# The fits below are deliberately tiny (30-60 epochs, 300 of 5,000 households) because
+# these tests are about the files written. Such fits leave a few state totals 70-100 % off,
+# which by default exits with 3 naming them (pinned in tests/test_coverage.py); here the
+# threshold is raised past them.
+TINY_FIT = ["--max-error", "2"]
 TINY = FIXTURES / "tiny"
 
 
@@ -247,7 +252,7 @@ def test_select_hybrid_writes_exact_split(
     result = runner.invoke(app, [
         "select", str(hh), "--records", "300", "--targets", str(targets), "--l0-fraction",
         "0.4", "--random-fraction", "0.6", "--persons", str(people), "--stratify", "state",
-        "--epochs", "60", "-o", str(out), "--quiet",
+        "--epochs", "60", "-o", str(out), "--quiet", *TINY_FIT,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     sel = _read(out)
@@ -324,7 +329,7 @@ def test_entities_follow_the_kept_households(
     args = [str(SURVEY / "households.parquet")]
     if command == "reweight":
         args += [str(SURVEY / "targets.csv"), "--persons", str(SURVEY / "persons.parquet"),
-                 "--target-records", "300", "--epochs", "30"]  # fmt: skip
+                 "--target-records", "300", "--epochs", "30", *TINY_FIT]  # fmt: skip
     else:
         args += ["--records", "300"]
     result = runner.invoke(app, [
@@ -371,7 +376,7 @@ def test_two_processes_write_what_one_writes(
     monkeypatch.chdir(tmp_path)
     common = [str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"), "--persons",
               str(SURVEY / "persons.parquet"), "--target-records", "300", "--epochs", "60",
-              "--dtype", "float64", "--holdout-fraction", "0.1", "--quiet"]  # fmt: skip
+              "--dtype", "float64", "--holdout-fraction", "0.1", "--quiet", *TINY_FIT]  # fmt: skip
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     one = runner.invoke(app, ["reweight", *common, "-o", "one/out.parquet"])
@@ -396,7 +401,7 @@ def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "b").mkdir()
     common = [str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"), "--persons",
               str(SURVEY / "persons.parquet"), "--target-records", "300", "--epochs", "40",
-              "--dtype", "float64", "--quiet", "--checkpoint", "ck",
+              "--dtype", "float64", "--quiet", *TINY_FIT, "--checkpoint", "ck",
               "--checkpoint-every", "20"]  # fmt: skip
     first = runner.invoke(app, ["reweight", *common, "-o", "a/out.parquet"])
     assert first.exit_code == 0, first.output
