@@ -9,6 +9,7 @@ from l0calib._version import __version__
 from l0calib.calibrate import CalibrationResult, Progress, calibrate, refit
 from l0calib.classic import calibrate_exact
 from l0calib.datasets import SyntheticSurvey, synthetic_survey
+from l0calib.diagnose import TargetDiagnosis, diagnose_targets
 from l0calib.exceptions import (
     CalibrationError,
     ConvergenceWarning,
@@ -55,6 +56,7 @@ __all__ = [
     "SampleGate",
     "SyntheticSurvey",
     "Target",
+    "TargetDiagnosis",
     "TargetError",
     "TemperatureScheduler",
     "__version__",
@@ -63,6 +65,7 @@ __all__ = [
     "calibrate",
     "calibrate_exact",
     "compute_l0l2_penalty",
+    "diagnose_targets",
     "pps_sample",
     "read_table",
     "read_targets",

@@ -70,7 +70,7 @@ from l0calib.calibrate import (
 )
 from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs
 from l0calib.diagnostics import WeightDiagnostics
-from l0calib.exceptions import ParameterError
+from l0calib.exceptions import DataError, ParameterError
 from l0calib.targets import EstimateMatrix
 
 __all__ = ["calibrate_shard", "load_shard", "shard_bounds"]
@@ -132,6 +132,7 @@ def load_shard(
     em = build_estimate_matrix(
         households, targets, person_frame, id_column=id_column, weight_column=weight_column,
         person_household_column=person_household_column, allow_zero_support=True,
+        table_names={"households": str(microdata), "persons": str(persons)},
     )  # fmt: skip
     return households, person_frame, em, start, n_total
 
@@ -201,8 +202,9 @@ def _stack_kept(
     return matrix, *(np.concatenate([p[i] for p in parts]) for i in range(1, 5))
 
 
-def _save(path: Path, fit: _Fit, loop: _Loop) -> None:
+def _save(path: Path, fit: _Fit, loop: _Loop, fingerprint: dict[str, str] | None = None) -> None:
     state = {
+        "fingerprint": dict(fingerprint or {}),
         "u": fit.u.detach().cpu(),
         "gates": None if fit.gates is None else {
             k: v.detach().cpu() for k, v in fit.gates.state_dict().items()
@@ -220,8 +222,18 @@ def _save(path: Path, fit: _Fit, loop: _Loop) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: Path, fit: _Fit) -> _Loop:
-    state = torch.load(path, weights_only=True, map_location=fit.device)
+def _load(path: Path, fit: _Fit, fingerprint: dict[str, str] | None = None) -> _Loop:
+    try:
+        state = torch.load(path, weights_only=True, map_location=fit.device)
+        if not isinstance(state, dict) or "loop" not in state:
+            raise ValueError("not an l0calib checkpoint")
+    except Exception as exc:  # truncated or foreign file: name it, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{path}: cannot resume from this checkpoint (truncated or not an l0calib "
+            f"checkpoint: {reason}); remove it or start without --resume"
+        ) from None
+    _check_fingerprint(path, state.get("fingerprint") or {}, fingerprint or {})
     with torch.no_grad():
         fit.u.copy_(state["u"])
     if fit.gates is not None:
@@ -232,6 +244,22 @@ def _load(path: Path, fit: _Fit) -> _Loop:
         goal = None if math.isnan(row[6]) else row[6]
         loop.history.append((int(row[0]), *row[1:6], goal, *row[7:]))
     return loop
+
+
+def _check_fingerprint(path: Path, then: dict[str, str], now: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint written for other inputs or options, naming them."""
+    differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if not differ:
+        return
+    shown = [
+        f"{k} (checkpoint: {then.get(k, 'not recorded')}, now: {now.get(k, 'not given')})"
+        if not k.startswith("file ") else f"{k} (its contents changed)"
+        for k in differ
+    ]  # fmt: skip
+    raise DataError(
+        f"{path}: the checkpoint was written for other inputs or options: {'; '.join(shown)}; "
+        "resume with the same ones, or start without --resume"
+    )
 
 
 def calibrate_shard(
@@ -266,6 +294,7 @@ def calibrate_shard(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    fingerprint: dict[str, str] | None = None,
     group: Any = None,
     bounds: tuple[float, float] | None = None,
     max_error: float | None = MAX_ERROR,
@@ -291,6 +320,10 @@ def calibrate_shard(
         optimizer, gate-noise counter, schedule and early-stopping state, history) with
         ``torch.save``; ``resume=True`` loads it (``torch.load(weights_only=True)``) and
         continues: the result equals an uninterrupted run's.
+    fingerprint : dict of str -> str, optional
+        What the run depends on (input file hashes, options), saved in every checkpoint;
+        resuming with a different one is a :class:`DataError` naming the differing keys.
+        A truncated or foreign checkpoint is a :class:`DataError` naming the file.
     group : process group, optional
         Default: the default group.
 
@@ -347,12 +380,12 @@ def calibrate_shard(
     if resume:
         if ckpt is None or not ckpt.exists():
             raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
-        state = _load(ckpt, fit)
+        state = _load(ckpt, fit, fingerprint)
     with _CsvLog(log_path if comm.rank == 0 else None) as log:
         loop = _train(
             fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
             callback=callback, log=log, log_every=log_every, resume=state,
-            checkpoint=(lambda st: _save(ckpt, fit, st)) if ckpt is not None else None,
+            checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint)) if ckpt is not None else None,
             checkpoint_every=checkpoint_every,
         )  # fmt: skip
         weights_out, info = _select_and_refit_shard(

@@ -9,7 +9,9 @@ Python conventions keeps working::
     ├── ParameterError(ValueError)   an argument to a library function is invalid
     ├── DataError(ValueError)        the microdata (records, weights, persons) is unusable
     ├── TargetError(ValueError)      a target definition or expression is unusable
-    └── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
+    ├── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
+    └── OutputError                  an output cannot be written: it exists, it is also an
+                                     input or another output, or the file system refused
 
     ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance,
                                      or with targets missed by far
@@ -28,6 +30,7 @@ __all__ = [
     "CoverageWarning",
     "DataError",
     "L0CalibError",
+    "OutputError",
     "ParameterError",
     "TargetError",
 ]
@@ -76,3 +79,9 @@ class ConvergenceWarning(UserWarning):
 class CoverageWarning(UserWarning):
     """Before training: the requested record count may be too small to keep enough
     supporting records of every fitted target (the warning names them)."""
+
+
+class OutputError(L0CalibError):
+    """An output cannot be written: it already exists (without overwrite), it is an input
+    or another output of the same run, or the file system refused (``"<path>: <reason>"``).
+    """
