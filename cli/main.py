@@ -451,6 +451,7 @@ def reweight(
             check_options(
                 em.n_records, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
+                bounds=run.bounds, max_error=max_error,
             )  # fmt: skip
             _warn_targets(em, quiet, exclude=held, target_records=target_records)
             bar, callback = _fit_progress(quiet, epochs)

@@ -1444,3 +1444,7 @@ def check_options(n_records: int, **options: Any) -> None:
     )  # fmt: skip
     _resolve_device(given["device"])
     _resolve_dtype(given["dtype"])
+    _check_bounds(given["bounds"])
+    if given["max_error"] is not None:
+        nonneg("max_error", given["max_error"])
+    _check_coverage(given["coverage"])

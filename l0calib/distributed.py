@@ -360,6 +360,8 @@ def calibrate_shard(
                              f"{', '.join(empty[:5])}")  # fmt: skip
     bounds = _check_bounds(bounds)
     coverage = _check_coverage(coverage)
+    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
+        raise ParameterError(f"max_error must be a number >= 0, got {max_error!r}")
     need = coverage_needs(support, pb.fitted, coverage)
     dev, tdtype = _resolve_device(device), _resolve_dtype(dtype)
     selection, lambda_l2, refit_l2 = _selection_mode(
