@@ -235,7 +235,10 @@ def test_reweight_warns_about_infeasible_targets(tmp_path: Path) -> None:
         "reweight", str(TINY / "households.csv"), str(bad), "--persons", str(TINY / "persons.csv"),
         "--epochs", "5", "-o", str(tmp_path / "o.csv"),
     ])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    # The conflict leaves a target about 66 % off after the fit: it is named as missed
+    # and the run exits with 3 (outputs written).
+    assert result.exit_code == 3, result.output
+    assert "missed by far" in result.stderr
     assert "Warning: the targets cannot all be met" in result.stderr
     assert "Warning: households_CA (320) is below" in result.stderr or (
         "Warning: more_CA (999) is above" in result.stderr
