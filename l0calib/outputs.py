@@ -37,6 +37,7 @@ import pandas as pd
 
 from l0calib._version import __version__
 from l0calib.exceptions import OutputError, ParameterError
+from l0calib.hdf5 import is_hdf5
 from l0calib.io import (
     _COMPRESSION,
     os_error,
@@ -223,6 +224,8 @@ class OutputPlan:
     def check(self, report_files: tuple[str, ...] | None = None) -> None:
         """Refuse collisions, existing outputs (without force) and unwritable places."""
         for role, path in self.tables.items():
+            if is_hdf5(path):
+                continue  # written whole by l0calib.hdf5.write_hdf5 into Transaction.path
             try:
                 table_format(path)
             except Exception as exc:
