@@ -13,6 +13,7 @@ from l0calib.diagnose import TargetDiagnosis, diagnose_targets
 from l0calib.exceptions import (
     CalibrationError,
     ConvergenceWarning,
+    CoverageWarning,
     DataError,
     L0CalibError,
     OutputError,
@@ -41,6 +42,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationResult",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "EstimateMatrix",
     "FeatureGate",
