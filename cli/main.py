@@ -6,6 +6,7 @@ missed the requested tolerance or left fitted targets missed by far.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -747,8 +748,20 @@ def _warn_targets(em, quiet: bool, **options) -> None:
     if quiet:
         return
     diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
-    for line in diagnosis.messages(limit=5):
+    risks = diagnosis.pruning_risks
+    # The engine keeps supporters of every fitted target (its coverage guarantee), so the
+    # risk a uniform draw would run is one line here; `check` lists each target.
+    for line in dataclasses.replace(diagnosis, pruning_risks=()).messages(limit=5):
         _say(f"Warning: {line}")
+    if risks:
+        rarest = min(risks, key=lambda r: r.support)
+        k = options.get("target_records")
+        _say(
+            f"Note: {len(risks)} target(s) have so few supporting records that a uniform "
+            f"draw of {k:,} of {em.n_records:,} would likely miss them (rarest: {rarest.name}, "
+            f"{rarest.support} records); the selection keeps supporters of every fitted "
+            f"target. `l0calib check --target-records {k}` lists them."
+        )
 
 
 @app.command(epilog=EXIT_CODES_HELP)
