@@ -54,6 +54,7 @@ from l0calib.calibrate import (
     _CsvLog,
     _default_refit_l2,
     _Fit,
+    _history_frame,
     _Loop,
     _Problem,
     _problem,
@@ -337,12 +338,17 @@ def calibrate_shard(
             raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
         state = _load(ckpt, fit)
     with _CsvLog(log_path if comm.rank == 0 else None) as log:
-        loop = _train(
-            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-            callback=callback, log=log, log_every=log_every, resume=state,
-            checkpoint=(lambda st: _save(ckpt, fit, st)) if ckpt is not None else None,
-            checkpoint_every=checkpoint_every,
-        )  # fmt: skip
+        if not gated and refit:
+            # As in calibrate(): without gates the refit (anchored on the initial weights)
+            # solves the whole problem and training cannot change it.
+            loop = _Loop(epoch=0, survivors=float(n_total), start=float(n_total))
+        else:
+            loop = _train(
+                fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                callback=callback, log=log, log_every=log_every, resume=state,
+                checkpoint=(lambda st: _save(ckpt, fit, st)) if ckpt is not None else None,
+                checkpoint_every=checkpoint_every,
+            )  # fmt: skip
         weights_out, info = _select_and_refit_shard(
             comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
             refit_l2=refit_l2, refit_max_iter=refit_max_iter,
@@ -362,7 +368,7 @@ def calibrate_shard(
         tol=tol,
         converged=bool(info["refit_converged"]),
         not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
+        history=_history_frame(loop.history),
         n_iter=loop.epoch,
         start=start_time,
         seed=seed,
