@@ -261,6 +261,13 @@ def reweight(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
     dtype: str = typer.Option("float32", "--dtype", help="Training precision: float32 or float64."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="Threads per process (torch and BLAS together; at most the cores). Default: 1 "
+        "below 2 million records, else every core (shared among --nproc workers).",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -285,6 +292,7 @@ def reweight(
             epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction,
             tol=tol, seed=seed, device=device, dtype=dtype, log=log, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, job=job,
+            threads=threads,
         )  # fmt: skip
         summary = _run_sharded(params, nproc, launched)
         if summary is not None:  # rank 0 under torchrun, or the parent of local workers
@@ -304,6 +312,7 @@ def reweight(
                 em, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                 seed=seed, device=device, callback=callback, log_path=log, dtype=dtype,
+                threads=threads,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
         job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
@@ -338,6 +347,7 @@ class _ShardedRun:
     resume: bool
     quiet: bool
     job: _Job
+    threads: int | None = None
 
 
 def _torchrun_rank() -> tuple[int, int] | None:
@@ -454,7 +464,7 @@ def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun
                     seed=params.seed, device=params.device, dtype=params.dtype,
                     callback=callback, log_path=params.log,
                     checkpoint_dir=params.checkpoint, checkpoint_every=params.checkpoint_every,
-                    resume=params.resume,
+                    resume=params.resume, threads=params.threads,
                 )  # fmt: skip
             kept = apply_weights(households, result, weight_column=params.weight_column)
             kept_persons = None

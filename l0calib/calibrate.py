@@ -49,6 +49,7 @@ from l0calib.io import atomic_path
 from l0calib.refit import RatioSolution, solve_ratios
 from l0calib.sparse import SparseOperator
 from l0calib.targets import EstimateMatrix, as_estimate_matrix
+from l0calib.threads import choose_threads, limit_threads
 
 __all__ = ["CalibrationResult", "Progress", "calibrate", "refit"]
 
@@ -913,6 +914,7 @@ def calibrate(
     callback: Callable[[Progress], bool | None] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     log_every: int = 10,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Calibrate weights to targets, optionally keeping exactly ``target_records`` records.
 
@@ -1000,6 +1002,11 @@ def calibrate(
         A CSV log in microcalibrate's format (epoch, loss, target_name, target, estimate,
         error, abs_error, rel_abs_error), one block every ``log_every`` epochs.
     log_every : int, default 10
+    threads : int, optional
+        Threads for this fit (torch's and the BLAS libraries' together; capped at the
+        cores this process may use). Default: 1 below two million records and 20 million
+        non-zeros (robust on a busy machine), every core above (see
+        :mod:`l0calib.threads`). ``info["threads"]`` says how many ran.
 
     Returns
     -------
@@ -1048,67 +1055,71 @@ def calibrate(
         )
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
-    fit = _Fit(
-        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
-        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
-        fixed=fixed,
-    )  # fmt: skip
-    # Without gates, a refit anchored on the initial weights solves the whole problem and
-    # nothing training does reaches the result: skip the epochs.
-    direct = not gated and refit and refit_anchor == "initial"
-    with _CsvLog(log_path) as log:
-        if direct:
-            loop = _Loop(epoch=0, survivors=float(n), start=float(n))
-        else:
-            loop = _train(
-                fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-                callback=callback, log=log, log_every=log_every,
-            )  # fmt: skip
-        weights_out, before, info, scores = _select_and_refit(
-            fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
-            refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
+    n_threads = choose_threads(n, em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        fit = _Fit(
+            pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+            temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+            fixed=fixed,
         )  # fmt: skip
-        if log.path is not None:
-            log.write(loop.epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
-        if direct and callback is not None:
-            # No epochs ran: the caller still hears of the (only) phase that did.
-            rel = np.abs(em.estimates(weights_out) - em.values)
-            rel /= np.maximum(np.abs(em.values), pb.scale_floor)
-            rel = rel[pb.fitted]
-            callback(Progress(
-                "refit", 0, 0, float(info.get("refit_objective", math.nan)),
-                float(rel.mean()), float(rel.max()), float(n), None, 0.0,
-            ))  # fmt: skip
+        # Without gates, a refit anchored on the initial weights solves the whole problem and
+        # nothing training does reaches the result: skip the epochs.
+        direct = not gated and refit and refit_anchor == "initial"
+        with _CsvLog(log_path) as log:
+            if direct:
+                loop = _Loop(epoch=0, survivors=float(n), start=float(n))
+            else:
+                loop = _train(
+                    fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                    callback=callback, log=log, log_every=log_every,
+                )  # fmt: skip
+            weights_out, before, info, scores = _select_and_refit(
+                fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
+                refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
+            )  # fmt: skip
+            if log.path is not None:
+                final = em.estimates(weights_out)
+                log.write(loop.epoch + 1, float("nan"), em.names, em.values, final)
+            if direct and callback is not None:
+                # No epochs ran: the caller still hears of the (only) phase that did.
+                rel = np.abs(em.estimates(weights_out) - em.values)
+                rel /= np.maximum(np.abs(em.values), pb.scale_floor)
+                rel = rel[pb.fitted]
+                callback(Progress(
+                    "refit", 0, 0, float(info.get("refit_objective", math.nan)),
+                    float(rel.mean()), float(rel.max()), float(n), None, 0.0,
+                ))  # fmt: skip
 
-    before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
-    before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
-    info.update(
-        {
-            "target_records": target_records,
-            "selection": selection,
-            "lambda_l2": lambda_l2,
-            "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
-            "gate_shift_final": loop.shift,
-            "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
-            "max_abs_rel_error_before_refit": float(before_fitted.max()),
-            "device": str(dev),
-            "dtype": str(tdtype).removeprefix("torch."),
-        }
-    )
-    return _result(
-        pb,
-        weights_out,
-        tol=tol,
-        converged=bool(info["refit_converged"]),
-        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=_history_frame(loop.history),
-        n_iter=loop.epoch,
-        start=start,
-        seed=seed,
-        method="l0",
-        info=info,
-        keep_probability=scores,
-    )
+        before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
+        before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
+        info.update(
+            {
+                "target_records": target_records,
+                "selection": selection,
+                "lambda_l2": lambda_l2,
+                "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
+                "gate_shift_final": loop.shift,
+                "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
+                "max_abs_rel_error_before_refit": float(before_fitted.max()),
+                "device": str(dev),
+                "dtype": str(tdtype).removeprefix("torch."),
+                "threads": n_threads,
+            }
+        )
+        return _result(
+            pb,
+            weights_out,
+            tol=tol,
+            converged=bool(info["refit_converged"]),
+            not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+            history=_history_frame(loop.history),
+            n_iter=loop.epoch,
+            start=start,
+            seed=seed,
+            method="l0",
+            info=info,
+            keep_probability=scores,
+        )
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -1129,6 +1140,7 @@ def refit(
     tol: float | None = None,
     max_iter: int = 2000,
     keep_all: bool = False,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Reweight a chosen subset of records so the targets hold (no gates, no training).
 
@@ -1156,6 +1168,8 @@ def refit(
         Hold every kept record's weight at or above ``1e-4`` times its starting weight, so
         exactly the ``keep`` records have non-zero weights (as the engine does for
         ``target_records``). Otherwise a record may end at 0 if that fits best.
+    threads : int, optional
+        As for :func:`calibrate` (the refit's factorisations use the BLAS threads).
 
     Returns
     -------
@@ -1172,7 +1186,10 @@ def refit(
         raise ParameterError("keep selects no record")
     positive_int("max_iter", max_iter)
     nonneg("lambda_l2", lambda_l2)
-    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all)
+    n_threads = choose_threads(int(mask.sum()), pb.em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all)
+    info["threads"] = n_threads
     return _result(
         pb,
         w,
