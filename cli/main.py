@@ -6,31 +6,61 @@ missed the requested tolerance.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import l0calib
-from l0calib.diagnostics import check_targets
+import l0calib  # light: its public names load on first use
 from l0calib.exceptions import L0CalibError
-from l0calib.io import atomic_path, count_rows, read_table, table_format, write_frame
-from l0calib.policyengine import prune_entities
-from l0calib.report import apply_weights, keep_linked_rows, with_weights, write_report
+
+
+class _Lazy:
+    """A module imported on first attribute access: ``--help`` and ``--version`` answer
+    without loading numpy, pandas or torch (seconds on a busy machine)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def _lazy_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+np = _Lazy("numpy")
+pd = _Lazy("pandas")
+torch = _Lazy("torch")
+check_targets = _lazy_function("l0calib.diagnostics", "check_targets")
+atomic_path = _lazy_function("l0calib.io", "atomic_path")
+count_rows = _lazy_function("l0calib.io", "count_rows")
+read_table = _lazy_function("l0calib.io", "read_table")
+table_format = _lazy_function("l0calib.io", "table_format")
+write_frame = _lazy_function("l0calib.io", "write_frame")
+prune_entities = _lazy_function("l0calib.policyengine", "prune_entities")
+apply_weights = _lazy_function("l0calib.report", "apply_weights")
+keep_linked_rows = _lazy_function("l0calib.report", "keep_linked_rows")
+with_weights = _lazy_function("l0calib.report", "with_weights")
+write_report = _lazy_function("l0calib.report", "write_report")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
