@@ -177,8 +177,11 @@ def run_child(method: str, households: int, extra: str) -> dict:
 
 
 def _save_problem(households: int) -> None:
-    tmp = tempfile.mkdtemp(prefix="l0calib-bench-")
-    os.environ["L0CALIB_BENCH_PROBLEM"] = os.path.join(tmp, "problem")
+    """Build and save the problem once for the children (an existing
+    ``L0CALIB_BENCH_PROBLEM`` saved problem is reused)."""
+    if not os.environ.get("L0CALIB_BENCH_PROBLEM"):
+        tmp = tempfile.mkdtemp(prefix="l0calib-bench-")
+        os.environ["L0CALIB_BENCH_PROBLEM"] = os.path.join(tmp, "problem")
     _engine_problem(households)
 
 

@@ -180,6 +180,7 @@ def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
     assert "Error: 1 target(s) cannot be used: nobody" in result.stderr
 
 
+@pytest.mark.slow  # a full reweight in a fresh process
 def test_installed_script_runs_reweight(tmp_path: Path) -> None:
     script = shutil.which("l0calib", path=str(ROOT / ".venv" / "bin")) or shutil.which("l0calib")
     if script is None:
@@ -310,7 +311,10 @@ def _entity_tables(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "tu.csv", tmp_path / "spm.parquet"
 
 
-@pytest.mark.parametrize("command", ["reweight", "select", "reweight --nproc 2"])
+@pytest.mark.parametrize(
+    "command",
+    ["reweight", "select", pytest.param("reweight --nproc 2", marks=pytest.mark.slow)],
+)
 def test_entities_follow_the_kept_households(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
@@ -360,6 +364,7 @@ def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 # ---------------------------------------------------------------------------- --nproc
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_write_what_one_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -386,6 +391,7 @@ def test_two_processes_write_what_one_writes(
     assert (ra["holdout"] == rb["holdout"]).all()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
@@ -407,6 +413,7 @@ def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "needs --checkpoint DIR" in bad.output
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
@@ -419,6 +426,7 @@ def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "households_reweighted.parquet").exists()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_find_rows_linked_to_no_household(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
