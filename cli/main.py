@@ -637,7 +637,13 @@ class _Job:
     def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         self.show(result, quiet)
         if result is not None:
-            _exit_for(result.converged, result.info["max_abs_rel_error"])
+            refit_ok = result.info.get("refit_converged", True)
+            reason = (
+                None
+                if refit_ok
+                else f"the refit did not converge ({result.info.get('refit_message')})"
+            )
+            _exit_for(result.converged, result.info["max_abs_rel_error"], reason)
 
     def show(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
         """The summary table and the list of files written."""
@@ -651,12 +657,14 @@ class _Job:
             stdout.print(f"wrote {', '.join(w for w in written if w)}")
 
 
-def _exit_for(converged: bool, max_error: float) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance."""
+def _exit_for(converged: bool, max_error: float, reason: str | None = None) -> None:
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance or its
+    refit stopped short (``reason``)."""
     if not converged:
+        what = reason or "missed the requested tolerance"
         _say(
-            "Warning: the fit finished but missed the requested tolerance (max abs rel "
-            f"error {max_error:.3%}); outputs were written."
+            f"Warning: the fit finished but {what} (max abs rel error {max_error:.3%}); "
+            "outputs were written."
         )
         raise typer.Exit(code=EXIT_TOLERANCE)
 

@@ -94,6 +94,9 @@ def summary(
         "epochs_run": result.n_iter,
         "seed": result.seed,
         "converged": result.converged,
+        "refit_converged": info.get("refit_converged"),
+        "refit_iterations": info.get("refit_iterations"),
+        "refit_message": info.get("refit_message"),
         "method": result.method,
         "l0calib_version": __version__,
     }

@@ -258,3 +258,17 @@ def test_converged_refit_does_not_warn() -> None:
         res = refit(b, np.ones(m, dtype=bool), t, weights=np.ones(m))
     assert res.converged
     assert res.info["refit_method"] == "newton"
+
+
+def test_summary_reports_the_refit() -> None:
+    from l0calib.report import summary
+
+    b, t, _, _ = random_problem(13, noise=0.5)
+    m = b.shape[1]
+    with pytest.warns(ConvergenceWarning):
+        res = refit(b, np.ones(m, dtype=bool), t, weights=np.ones(m), max_iter=1, lambda_l2=1e-6)
+    out = summary(res, n_targets=b.shape[0])
+    assert out["converged"] is False
+    assert out["refit_converged"] is False
+    assert out["refit_iterations"] == 1
+    assert "iteration cap" in out["refit_message"]
