@@ -50,17 +50,27 @@ def _lazy_function(module: str, name: str) -> Callable[..., Any]:
 np = _Lazy("numpy")
 pd = _Lazy("pandas")
 torch = _Lazy("torch")
+check_options = _lazy_function("l0calib.calibrate", "check_options")
+check_method = _lazy_function("l0calib.classic", "check_method")
+annotate_check = _lazy_function("l0calib.diagnose", "annotate_check")
+check_records = _lazy_function("l0calib.diagnose", "check_records")
+diagnose_targets = _lazy_function("l0calib.diagnose", "diagnose_targets")
 check_targets = _lazy_function("l0calib.diagnostics", "check_targets")
-atomic_path = _lazy_function("l0calib.io", "atomic_path")
-count_rows = _lazy_function("l0calib.io", "count_rows")
 read_table = _lazy_function("l0calib.io", "read_table")
-table_format = _lazy_function("l0calib.io", "table_format")
-write_frame = _lazy_function("l0calib.io", "write_frame")
-prune_entities = _lazy_function("l0calib.policyengine", "prune_entities")
+OutputPlan = _lazy_function("l0calib.outputs", "OutputPlan")
+output_names = _lazy_function("l0calib.outputs", "output_names")
 apply_weights = _lazy_function("l0calib.report", "apply_weights")
+check_added_columns = _lazy_function("l0calib.report", "check_added_columns")
 keep_linked_rows = _lazy_function("l0calib.report", "keep_linked_rows")
+summary = _lazy_function("l0calib.report", "summary")
 with_weights = _lazy_function("l0calib.report", "with_weights")
-write_report = _lazy_function("l0calib.report", "write_report")
+write_report_files = _lazy_function("l0calib.report", "write_report_files")
+ShardedRun = _lazy_function("l0calib.sharded", "ShardedRun")
+fingerprint = _lazy_function("l0calib.sharded", "fingerprint")
+holdout_names = _lazy_function("l0calib.sharded", "holdout_names")
+read_entities = _lazy_function("l0calib.sharded", "read_entities")
+run_rank = _lazy_function("l0calib.sharded", "run_rank")
+run_sharded = _lazy_function("l0calib.sharded", "run_sharded")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
@@ -96,6 +106,10 @@ def user_errors() -> Iterator[None]:
         yield
     except L0CalibError as exc:
         _say(f"Error: {exc}")
+        raise typer.Exit(code=1) from None
+    except OSError as exc:  # the file system refused: which path, and why
+        where = exc.filename if exc.filename is not None else "a file"
+        _say(f"Error: {where}: {exc.strerror or exc}")
         raise typer.Exit(code=1) from None
 
 
@@ -161,27 +175,28 @@ def _load(
     person_household_column: str, *, allow_zero_support: bool = False,
 ):  # fmt: skip
     households = read_table(microdata)
+    check_added_columns(households, microdata, weight_column)
     person_frame = read_table(persons) if persons is not None else None
     em = l0calib.build_estimate_matrix(
         households, targets, person_frame, id_column=id_column, weight_column=weight_column,
         person_household_column=person_household_column,
         allow_zero_support=allow_zero_support,
+        table_names={"households": str(microdata), "persons": str(persons)},
     )  # fmt: skip
     return households, person_frame, em
 
 
 def _holdout(names: tuple[str, ...], holdout: str | None, fraction: float | None, seed: int):
+    """The held-out target names (see :func:`l0calib.sharded.holdout_names`)."""
+    _check_holdout(holdout, fraction)
+    return holdout_names(names, holdout, fraction, seed)
+
+
+def _check_holdout(holdout: str | None, fraction: float | None) -> None:
     if holdout and fraction is not None:
         raise typer.BadParameter("give --holdout or --holdout-fraction, not both")
-    if holdout:
-        return [h.strip() for h in holdout.split(",") if h.strip()]
-    if fraction is not None:
-        if not 0 <= fraction < 1:
-            raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout-fraction")
-        # Its own stream (seed + 1): the holdout does not change when the gates' noise does.
-        chosen = np.random.default_rng(seed + 1).random(len(names)) < fraction
-        return [n for n, c in zip(names, chosen, strict=True) if c]
-    return None
+    if fraction is not None and not 0 <= fraction < 1:
+        raise typer.BadParameter("must be in [0, 1)", param_hint="--holdout-fraction")
 
 
 def _fit_progress(quiet: bool, epochs: int):
@@ -208,31 +223,131 @@ def _fit_progress(quiet: bool, epochs: int):
     return bar, callback
 
 
-def _output_paths(microdata: Path, output: Path | None, report_dir: Path | None):
-    out = output if output is not None else Path(f"{microdata.stem}_reweighted.parquet")
+def _worker_progress(show: bool, epochs: int):
+    """The progress bar of a sharded run's rank 0 (picklable: a module-level function)."""
+    return _fit_progress(not show, epochs)
+
+
+@dataclass
+class _Outputs:
+    """A fitting command's outputs: the library's plan, and what the CLI prints of it."""
+
+    plan: OutputPlan
+    entities: list[tuple[str, Path, str]]  # name, input path, link column
+    extra: dict
+    start: float
+
+    def written(self) -> list[str]:
+        paths = [str(p) for p in self.plan.tables.values()]
+        paths.append(paths.pop(0))  # the main table is committed last
+        if self.plan.log is not None:
+            paths.append(str(self.plan.log))
+        if self.plan.report_dir is not None:
+            paths.append(f"{self.plan.report_dir}/")
+        return paths
+
+    def entity_inputs(self) -> dict[str, Path]:
+        return {name: path for name, path, _ in self.entities}
+
+
+def _plan_outputs(
+    microdata: Path, targets: Path | None, persons: Path | None, output: Path | None,
+    report_dir: Path | None, log: Path | None, force: bool, *, report: bool = True,
+    suffix: str = "reweighted", entity: list[str] | None = None,
+    entity_link: list[str] | None = None, checkpoint: Path | None = None,
+) -> _Outputs:  # fmt: skip
+    """Name, check and plan every output before any input is read (exit 1 on a problem)."""
+    links = _pairs(entity_link or [], "--entity-link")
+    pairs = _pairs(entity or [], "--entity")
+    unknown = set(links) - set(pairs)
+    if unknown:
+        raise typer.BadParameter(f"no --entity named {sorted(unknown)[0]!r}",
+                                 param_hint="--entity-link")  # fmt: skip
+    entities = [(n, Path(p), links.get(n, f"{n}_household_id")) for n, p in pairs.items()]
     with user_errors():
-        table_format(out)
-    report = report_dir if report_dir is not None else out.with_name(f"{out.stem}_report")
-    return out, report
+        names = output_names(microdata, output, persons=persons,
+                             entities={n: p for n, p, _ in entities}, report_dir=report_dir,
+                             suffix=suffix)  # fmt: skip
+        inputs: dict[str, Path | None] = {
+            "MICRODATA": microdata,
+            "TARGETS": targets,
+            "--persons": persons,
+            "--checkpoint": checkpoint,
+        }
+        inputs.update({f"--entity {n}": p for n, p, _ in entities})
+        plan = OutputPlan(
+            {r: p for r, p in names.items() if r != "report"},
+            report_dir=names["report"] if report else None, log=log,
+            inputs={k: v for k, v in inputs.items() if v is not None}, force=force,
+        )  # fmt: skip
+    extra = {
+        "command": " ".join(["l0calib", *sys.argv[1:]]),
+        "microdata": str(microdata),
+        "targets": str(targets) if targets is not None else None,
+        "output": str(names["table"]),
+    }
+    return _Outputs(plan, entities, extra, time.perf_counter())
 
 
-def _final_table(result: l0calib.CalibrationResult) -> Table:
-    d, info = result.diagnostics, result.info
-    table = Table(title=f"l0calib ({result.method})", show_header=False)
+def _write_outputs(
+    tx: Transaction, outs: _Outputs, kept: pd.DataFrame, person_frame, entity_frames: list,
+    result, n_targets: int | None, *, microdata: Path, persons: Path | None, id_column: str,
+    weight_column: str, person_household_column: str,
+) -> dict | None:  # fmt: skip
+    """Write every table and the report into the transaction; the figures shown after."""
+    computed = {weight_column, f"{weight_column}_initial", "selection"}
+    tx.write_table("table", kept, source=microdata, computed=computed)
+    kept_ids = kept[id_column].to_numpy()
+    if person_frame is not None:
+        linked = keep_linked_rows(person_frame, person_household_column, kept_ids)
+        tx.write_table("persons", linked, source=persons)
+    for (name, path, link), frame in zip(outs.entities, entity_frames, strict=True):
+        tx.write_table(f"entity:{name}", keep_linked_rows(frame, link, kept_ids), source=path)
+    if result is None:
+        return None
+    extra = {**outs.extra, "seconds_total": time.perf_counter() - outs.start}
+    tx.write_report(lambda d: write_report_files(result, d, n_targets=n_targets or 0,
+                                                 extra=extra))  # fmt: skip
+    return _shown(result, n_targets or 0, extra)
+
+
+def _shown(result: l0calib.CalibrationResult, n_targets: int, extra: dict) -> dict:
+    fitted = result.report[~result.report["holdout"]].nlargest(5, "abs_rel_error")
+    worst = [[str(n), float(e)] for n, e in zip(fitted["name"], fitted["rel_error"],
+                                                strict=True)]  # fmt: skip
+    return {"summary": summary(result, n_targets=n_targets, extra=extra), "worst": worst}
+
+
+def _final_table(shown: dict) -> Table:
+    s = shown["summary"]
+    table = Table(title=f"l0calib ({s['method']})", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("records in / out", f"{d.n_records:,} / {d.n_kept:,}")
-    errors = f"{info['mean_abs_rel_error']:.3%} / {info['max_abs_rel_error']:.3%}"
+    table.add_row("records in / out", f"{s['n_records_in']:,} / {s['n_records_out']:,}")
+    errors = f"{s['mean_abs_rel_error']:.3%} / {s['max_abs_rel_error']:.3%}"
     table.add_row("fitted targets: mean / max abs rel error", errors)
-    if info.get("holdout_mean_abs_rel_error") is not None:
+    if s.get("holdout_mean_abs_rel_error") is not None:
         table.add_row("holdout targets: mean abs rel error",
-                      f"{info['holdout_mean_abs_rel_error']:.3%}")  # fmt: skip
-    table.add_row("effective sample size (Kish)", f"{d.effective_sample_size:,.0f}")
-    table.add_row("time", f"{result.seconds:.1f} s")
-    worst = result.report[~result.report["holdout"]].nlargest(5, "abs_rel_error")
-    for _, row in worst.iterrows():
-        table.add_row(escape(f"worst: {row['name']}"), f"{row['rel_error']:+.3%}")
+                      f"{s['holdout_mean_abs_rel_error']:.3%}")  # fmt: skip
+    table.add_row("effective sample size (Kish)", f"{s['effective_sample_size']:,.0f}")
+    table.add_row("time", f"{s['seconds']:.1f} s")
+    for name, rel_error in shown["worst"]:
+        table.add_row(escape(f"worst: {name}"), f"{rel_error:+.3%}")
     return table
+
+
+def _finish(outs: _Outputs, shown: dict | None, quiet: bool) -> None:
+    """The summary table, the files written, and exit code 3 for a missed tolerance."""
+    if not quiet:
+        if shown is not None:
+            stdout.print(_final_table(shown))
+        stdout.print(f"wrote {', '.join(outs.written())}")
+    if shown is not None:
+        s = shown["summary"]
+        reason = None
+        if s.get("refit_converged") is False:
+            reason = f"the refit did not converge ({s.get('refit_message')})"
+        _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"), reason)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -307,77 +422,75 @@ def reweight(
     `<weight column>_initial`), the kept households' persons with `--persons`, and a
     report directory (targets.csv, summary.json, history.csv).
     """
-    job = _Job.plan(microdata, targets, persons, output, report_dir, log, force,
-                    entity=entity, entity_link=entity_link)  # fmt: skip
     if resume and checkpoint is None:
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--nproc")
+    _check_holdout(holdout, holdout_fraction)
     launched = _torchrun_rank()
-    if nproc > 1 or checkpoint is not None or launched is not None:
-        params = _ShardedRun(
-            microdata=microdata, targets=targets, persons=persons, id_column=id_column,
-            weight_column=weight_column, person_household_column=person_household_column,
-            target_records=target_records, lambda_l0=lambda_l0, lambda_l2=lambda_l2,
-            epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction,
-            tol=tol, seed=seed, device=device, dtype=dtype, log=log, checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, job=job,
-            threads=threads,
-        )  # fmt: skip
-        summary = _run_sharded(params, nproc, launched)
-        if summary is not None:  # rank 0 under torchrun, or the parent of local workers
-            _exit_for(summary["converged"], summary["max_abs_rel_error"])
+    run = ShardedRun(
+        microdata=microdata, targets=targets, persons=persons, id_column=id_column,
+        weight_column=weight_column, person_household_column=person_household_column,
+        target_records=target_records, lambda_l0=lambda_l0, lambda_l2=lambda_l2,
+        epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction, tol=tol,
+        seed=seed, device=device, dtype=dtype, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume, quiet=quiet,
+        progress=_worker_progress, threads=threads,
+    )  # fmt: skip
+    if launched is not None and launched[0] != 0:
+        # Another rank under torchrun: it fits its block; rank 0 plans and writes.
+        links = _pairs(entity_link or [], "--entity-link")
+        run.entities = [(n, Path(p), links.get(n, f"{n}_household_id"))
+                        for n, p in _pairs(entity or [], "--entity").items()]  # fmt: skip
+        with user_errors():
+            if checkpoint is not None:
+                run.fingerprint = fingerprint(run, launched[1])
+            run_rank(*launched, run)
         return
-    with user_errors():
-        households, person_frame, em = _load(
-            microdata, targets, persons, id_column, weight_column, person_household_column
-        )
-        entity_frames = job.read_entities(households, id_column)
-        held = _holdout(em.names, holdout, holdout_fraction, seed)
-        bar, callback = _fit_progress(quiet, epochs)
-        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
-            # The CLI reports a missed tolerance itself (exit code 3).
-            warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
-            result = l0calib.calibrate(
-                em, target_records=target_records, lambda_l0=lambda_l0,
-                lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
-                seed=seed, device=device, callback=callback, log_path=log, dtype=dtype,
-                threads=threads,
+    outs = _plan_outputs(microdata, targets, persons, output, report_dir, log, force,
+                         entity=entity, entity_link=entity_link,
+                         checkpoint=checkpoint)  # fmt: skip
+    sharded = nproc > 1 or checkpoint is not None or launched is not None
+    with user_errors(), outs.plan.transaction() as tx:
+        log_tmp = tx.path("log") if log is not None else None
+        if sharded:
+            run.entities = outs.entities
+            run.log = log_tmp
+            run.temp_tables = {r: (tx.path(r), p) for r, p in outs.plan.tables.items()}
+            run.report_temp = tx.report_dir_temp
+            run.extra = outs.extra
+            if checkpoint is not None:
+                run.fingerprint = fingerprint(run, launched[1] if launched else nproc)
+            shown = run_rank(*launched, run) if launched else run_sharded(run, nproc)
+        else:
+            households, person_frame, em = _load(
+                microdata, targets, persons, id_column, weight_column, person_household_column
+            )
+            entity_frames = read_entities(outs.entities, households, id_column)
+            held = _holdout(em.names, holdout, holdout_fraction, seed)
+            # Option errors come alone, before any finding about the targets.
+            check_options(
+                em.n_records, target_records=target_records, lambda_l0=lambda_l0,
+                lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
             )  # fmt: skip
-        kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
-                  entity_frames)  # fmt: skip
-    job.finish(result, quiet)
-
-
-@dataclass
-class _ShardedRun:
-    """Everything a worker of a sharded `reweight` needs (picklable)."""
-
-    microdata: Path
-    targets: Path
-    persons: Path | None
-    id_column: str
-    weight_column: str
-    person_household_column: str
-    target_records: int | None
-    lambda_l0: float | None
-    lambda_l2: float | None
-    epochs: int
-    lr: float
-    holdout: str | None
-    holdout_fraction: float | None
-    tol: float | None
-    seed: int
-    device: str
-    dtype: str
-    log: Path | None
-    checkpoint: Path | None
-    checkpoint_every: int
-    resume: bool
-    quiet: bool
-    job: _Job
-    threads: int | None = None
+            _warn_targets(em, quiet, exclude=held, target_records=target_records)
+            bar, callback = _fit_progress(quiet, epochs)
+            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+                # The CLI reports a missed tolerance itself (exit code 3).
+                warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                result = l0calib.calibrate(
+                    em, target_records=target_records, lambda_l0=lambda_l0,
+                    lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
+                    seed=seed, device=device, callback=callback, log_path=log_tmp, dtype=dtype,
+                    threads=threads,
+                )  # fmt: skip
+            kept = apply_weights(households, result, weight_column=weight_column)
+            shown = _write_outputs(
+                tx, outs, kept, person_frame, entity_frames, result, em.n_targets,
+                microdata=microdata, persons=persons, id_column=id_column,
+                weight_column=weight_column, person_household_column=person_household_column,
+            )  # fmt: skip
+    _finish(outs, shown, quiet)
 
 
 def _torchrun_rank() -> tuple[int, int] | None:
@@ -387,274 +500,14 @@ def _torchrun_rank() -> tuple[int, int] | None:
     return None
 
 
-def _run_sharded(params: _ShardedRun, nproc: int, launched: tuple[int, int] | None):
-    """Run the sharded fit: in this process under torchrun, else on nproc local workers.
-
-    Returns ``{"converged", "max_abs_rel_error"}`` on rank 0 under torchrun and in the
-    parent of local workers, None elsewhere. Rank 0 writes the outputs and prints the
-    summary table.
-    """
-    import torch.multiprocessing as mp
-
-    if launched is not None:
-        rank, world = launched
-        return _sharded_worker(rank, world, None, params, from_torchrun=True)
-    import socket
-    import tempfile
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    handoff = Path(tempfile.mkdtemp(prefix="l0calib-")) / "summary.json"
+def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
     try:
-        mp.spawn(_spawned_worker, args=(nproc, port, params, str(handoff)), nprocs=nproc)
-    except Exception as exc:  # a worker failed: its message, no traceback, no output
-        message = str(exc).strip().splitlines()
-        _say(f"Error: a worker process failed: {message[-1] if message else exc}")
-        raise typer.Exit(code=1) from None
-    return json.loads(handoff.read_text())
-
-
-def _check_unlinked_rows(params: _ShardedRun, person_frame, entity_frames: list) -> None:
-    """Each rank reads only the persons and entity rows of its own households, so a row
-    linked to no household at all is read by no rank. Counting the rows read (summed over
-    the ranks) against the rows in each file finds them; only then are the link column and
-    the household ids read (those two columns only) to name the first such row."""
-    import torch.distributed as dist
-
-    tables = [(params.persons, params.person_household_column, "person", person_frame)]
-    tables += [(path, link, name, frame)
-               for (name, path, _, link), frame in zip(params.job.entities, entity_frames,
-                                                       strict=True)]  # fmt: skip
-    tables = [t for t in tables if t[0] is not None and t[3] is not None]
-    if not tables:
-        return
-    read = torch.tensor([float(len(t[3])) for t in tables], dtype=torch.float64)
-    dist.all_reduce(read)
-    for (path, link, name, _), n_read in zip(tables, read.tolist(), strict=True):
-        total = count_rows(path)
-        if int(n_read) == total:
-            continue
-        ids = read_table(params.microdata, columns=[params.id_column])
-        _check_links(path, name, link, ids, params.id_column, read_table(path, columns=[link]))
-        raise l0calib.DataError(
-            f"{path}: the worker processes read {int(n_read):,} of its {total:,} {name} rows"
-        )
-
-
-def _check_links(path: Path, name: str, link: str, households, id_column: str, frame) -> None:
-    """Every row of ``frame`` must link to a household of ``households``
-    (:func:`l0calib.policyengine.prune_entities` checks it); the message names ``path``."""
-    try:
-        prune_entities({"household": households, name: frame},
-                       households[id_column].to_numpy(),
-                       links={"household": id_column, name: link})  # fmt: skip
-    except L0CalibError as exc:
-        raise type(exc)(f"{path}: {exc}") from None
-
-
-def _spawned_worker(rank: int, world: int, port: int, params: _ShardedRun, handoff: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    summary = _sharded_worker(rank, world, port, params, from_torchrun=False)
-    if rank == 0:
-        Path(handoff).write_text(json.dumps(summary))
-
-
-def _sharded_worker(rank: int, world: int, port: int | None, params: _ShardedRun, *,
-                    from_torchrun: bool):  # fmt: skip
-    import datetime
-
-    import torch.distributed as dist
-
-    from l0calib.distributed import calibrate_shard, load_shard
-
-    backend = "nccl" if params.device == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=10))  # fmt: skip
-    try:
-        try:
-            households, person_frame, em, offset, n_total = load_shard(
-                params.microdata, params.targets, params.persons, rank=rank,
-                world_size=world, id_column=params.id_column,
-                weight_column=params.weight_column,
-                person_household_column=params.person_household_column,
-            )  # fmt: skip
-            entity_frames = params.job.read_entities(households, params.id_column, block=True)
-            _check_unlinked_rows(params, person_frame, entity_frames)
-            held = _holdout(em.names, params.holdout, params.holdout_fraction, params.seed)
-            show = rank == 0 and not params.quiet
-            bar, callback = _fit_progress(not show, params.epochs)
-            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
-                result = calibrate_shard(
-                    em, offset=offset, n_total=n_total, target_records=params.target_records,
-                    lambda_l0=params.lambda_l0, lambda_l2=params.lambda_l2,
-                    epochs=params.epochs, lr=params.lr, holdout=held, tol=params.tol,
-                    seed=params.seed, device=params.device, dtype=params.dtype,
-                    callback=callback, log_path=params.log,
-                    checkpoint_dir=params.checkpoint, checkpoint_every=params.checkpoint_every,
-                    resume=params.resume, threads=params.threads,
-                )  # fmt: skip
-            kept = apply_weights(households, result, weight_column=params.weight_column)
-            kept_persons = None
-            if person_frame is not None:
-                kept_persons = keep_linked_rows(
-                    person_frame, params.person_household_column, kept[params.id_column]
-                )
-            kept_entities = [
-                keep_linked_rows(frame, link, kept[params.id_column])
-                for (_, _, _, link), frame in zip(params.job.entities, entity_frames, strict=True)
-            ]
-        except L0CalibError as exc:
-            if from_torchrun:
-                _say(f"Error (rank {rank}): {exc}")
-                raise typer.Exit(code=1) from None
-            raise RuntimeError(str(exc)) from None
-        parts: list = [None] * world
-        dist.all_gather_object(parts, (kept, kept_persons, kept_entities))
-        if rank != 0:
-            return None
-        all_kept = pd.concat([p[0] for p in parts])
-        persons_out = None
-        if person_frame is not None:
-            persons_out = pd.concat([p[1] for p in parts])
-        # The whole report is on every rank; the diagnostics are reduced over the ranks.
-        entities_out = [pd.concat([p[2][j] for p in parts])
-                        for j in range(len(params.job.entities))]  # fmt: skip
-        params.job.write(all_kept, persons_out, em.n_targets, result, params.id_column,
-                         params.person_household_column, entities_out)  # fmt: skip
-        params.job.show(result, params.quiet)
-        return {"converged": result.converged,
-                "max_abs_rel_error": result.info["max_abs_rel_error"]}  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-
-
-@dataclass
-class _Job:
-    """Output paths of a fitting command, and the all-or-nothing writing of them."""
-
-    out: Path
-    report: Path
-    persons_out: Path | None
-    entities: list[tuple[str, Path, Path, str]]  # name, input, output, link column
-    force: bool
-    start: float
-    command: str
-    microdata: Path
-    targets: Path
-
-    @classmethod
-    def plan(
-        cls, microdata: Path, targets: Path, persons: Path | None, output: Path | None,
-        report_dir: Path | None, log: Path | None, force: bool, *, check_report: bool = True,
-        suffix: str = "reweighted", entity: list[str] | None = None,
-        entity_link: list[str] | None = None,
-    ) -> _Job:  # fmt: skip
-        out, report = _output_paths(microdata, output, report_dir)
-        persons_out = None
-        if persons is not None:
-            persons_out = out.with_name(f"{persons.stem}_{suffix}{out.suffix}")
-        entities = []
-        links = _pairs(entity_link or [], "--entity-link")
-        for name, path in _pairs(entity or [], "--entity").items():
-            p = Path(path)
-            link = links.get(name, f"{name}_household_id")
-            entities.append((name, p, out.with_name(f"{p.stem}_{suffix}{out.suffix}"), link))
-        unknown = set(links) - {e[0] for e in entities}
-        if unknown:
-            raise typer.BadParameter(f"no --entity named {sorted(unknown)[0]!r}",
-                                     param_hint="--entity-link")  # fmt: skip
-        if not force:
-            for p in (out, report if check_report else None, persons_out, log,
-                      *(e[2] for e in entities)):  # fmt: skip
-                if p is not None and p.exists():
-                    _say(f"Error: {p} already exists (use --force to overwrite)")
-                    raise typer.Exit(code=1)
-        return cls(
-            out=out, report=report, persons_out=persons_out, entities=entities, force=force,
-            start=time.perf_counter(), command=" ".join(["l0calib", *sys.argv[1:]]),
-            microdata=microdata, targets=targets,
-        )  # fmt: skip
-
-    def read_entities(self, households, id_column: str, *, block: bool = False) -> list:
-        """Read every --entity table and check its links before any fitting.
-
-        With ``block``, only the rows of ``households`` (one process's share) are read; a
-        row linked to no household at all is found by ``_check_unlinked_rows``.
-        """
-        frames = []
-        for name, path, _, link in self.entities:
-            if block:
-                if link not in read_table(path, rows=(0, 0)).columns:
-                    frame = pd.DataFrame()  # reported just below
-                else:
-                    frame = read_table(path, where=(link, households[id_column].to_numpy()))
-            else:
-                frame = read_table(path)
-            if link not in frame.columns:
-                raise l0calib.DataError(
-                    f"{path}: column '{link}' (the household id of {name}) is missing; name "
-                    f"the right one with --entity-link {name}=COLUMN"
-                )
-            _check_links(path, name, link, households, id_column, frame)
-            frames.append(frame)
-        return frames
-
-    def write(
-        self, kept, person_frame, n_targets: int | None, result, id_column: str,
-        person_household_column: str, entity_frames: list | None = None,
-    ) -> None:  # fmt: skip
-        """Write the kept rows, their persons and (with a result) the report directory."""
-        extra = {
-            "command": self.command,
-            "microdata": str(self.microdata),
-            "targets": str(self.targets),
-            "output": str(self.out),
-            "seconds_total": time.perf_counter() - self.start,
-        }
-        # Tables first (each atomic), then the report: a failure leaves no partial file.
-        with ExitStack() as stack:
-            tmp_out = stack.enter_context(atomic_path(self.out))
-            write_frame(kept, tmp_out, like=self.out)
-            if self.persons_out is not None and person_frame is not None:
-                tmp_p = stack.enter_context(atomic_path(self.persons_out))
-                linked = keep_linked_rows(
-                    person_frame, person_household_column, kept[id_column].to_numpy()
-                )
-                write_frame(linked, tmp_p, like=self.persons_out)
-            kept_ids = kept[id_column].to_numpy()
-            for (name, _, path, link), frame in zip(self.entities, entity_frames or [],
-                                                    strict=True):  # fmt: skip
-                pruned = prune_entities({name: frame}, kept_ids, links={name: link})[name]
-                write_frame(pruned, stack.enter_context(atomic_path(path)), like=path)
-            if result is not None:
-                write_report(
-                    result, self.report, n_targets=n_targets, extra=extra, overwrite=self.force
-                )
-
-    def finish(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
-        self.show(result, quiet)
-        if result is not None:
-            refit_ok = result.info.get("refit_converged", True)
-            reason = (
-                None
-                if refit_ok
-                else f"the refit did not converge ({result.info.get('refit_message')})"
-            )
-            _exit_for(result.converged, result.info["max_abs_rel_error"], reason)
-
-    def show(self, result: l0calib.CalibrationResult | None, quiet: bool) -> None:
-        """The summary table and the list of files written."""
-        if not quiet:
-            if result is not None:
-                stdout.print(_final_table(result))
-            written = [str(self.out), str(self.persons_out) if self.persons_out else None]
-            written += [str(e[2]) for e in self.entities]
-            if result is not None:
-                written.append(f"{self.report}/")
-            stdout.print(f"wrote {', '.join(w for w in written if w)}")
+        lo, hi = (float(x) for x in bounds.split(","))
+    except ValueError:
+        raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
+    return lo, hi
 
 
 def _exit_for(converged: bool, max_error: float, reason: str | None = None) -> None:
@@ -705,29 +558,28 @@ def calibrate_command(
     fails with a clear message when targets are linearly dependent or infeasible. Writes
     the same files as `reweight`.
     """
-    parsed_bounds = None
-    if bounds is not None:
-        try:
-            lo, hi = (float(x) for x in bounds.split(","))
-        except ValueError:
-            raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
-        parsed_bounds = (lo, hi)
-    job = _Job.plan(microdata, targets, persons, output, report_dir, None, force,
-                    entity=entity, entity_link=entity_link)  # fmt: skip
-    with user_errors():
+    parsed_bounds = _parse_bounds(bounds)
+    outs = _plan_outputs(microdata, targets, persons, output, report_dir, None, force,
+                         entity=entity, entity_link=entity_link)  # fmt: skip
+    with user_errors(), outs.plan.transaction() as tx:
         households, person_frame, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column
         )
-        entity_frames = job.read_entities(households, id_column)
+        entity_frames = read_entities(outs.entities, households, id_column)
         held = _holdout(em.names, holdout, None, 0)
+        check_method(method, parsed_bounds)
+        _warn_targets(em, quiet, exclude=held, bounds=parsed_bounds)
         result = l0calib.calibrate_exact(
             em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
             max_iter=max_iter,
         )  # fmt: skip
         kept = apply_weights(households, result, weight_column=weight_column)
-        job.write(kept, person_frame, em.n_targets, result, id_column, person_household_column,
-                  entity_frames)  # fmt: skip
-    job.finish(result, quiet)
+        shown = _write_outputs(
+            tx, outs, kept, person_frame, entity_frames, result, em.n_targets,
+            microdata=microdata, persons=persons, id_column=id_column,
+            weight_column=weight_column, person_household_column=person_household_column,
+        )  # fmt: skip
+    _finish(outs, shown, quiet)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -740,19 +592,51 @@ def check(
     person_household_column: str = PERSON_LINK,
     min_support: int = typer.Option(10, "--min-support", help="Flag targets with fewer records."),
     all_targets: bool = typer.Option(False, "--all", help="List every target, not only flagged."),
+    target_records: int | None = typer.Option(
+        None, "--target-records", help="Also flag targets at risk when only K households are kept."
+    ),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="LO,HI bounds on w / w0 the weights must stay within."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
-    """Validate microdata and targets without fitting; print a table per target.
+    """Validate microdata and targets without fitting: can the targets all be met?
 
     Shows each target's support (records contributing), initial estimate and error, and
-    flags: zero support, tiny support, duplicate of or linear combination of other targets.
-    Exits with 1 when a target cannot be used.
+    flags: zero support, tiny support, duplicate of or linear combination of other targets
+    (and whether their values agree). Then whether non-negative weights (within `--bounds`)
+    can meet every target within its tolerance; if not, the least change to the target
+    values that would, and the smallest sets of targets that contradict each other. With
+    `--target-records K`, the targets a K-record sample would likely miss. Exits with 1 when
+    a target cannot be used, 3 when the targets cannot all be met, else 0.
     """
+    parsed_bounds = _parse_bounds(bounds)
     with user_errors():
         _, _, em = _load(
             microdata, targets, persons, id_column, weight_column, person_household_column,
             allow_zero_support=True,
         )  # fmt: skip
-        table_rows = check_targets(em, min_support=min_support)
+        diagnosis = diagnose_targets(em, bounds=parsed_bounds, target_records=target_records)
+        table_rows = annotate_check(
+            check_targets(em, min_support=min_support, dependencies=diagnosis.dependent_names()),
+            diagnosis,
+        )
+    unusable = table_rows.loc[~table_rows["usable"], "name"].tolist()
+    if json_output:
+        out = {"targets_file": str(targets), **diagnosis.to_dict(),
+               "targets": check_records(table_rows)}  # fmt: skip
+        stdout.print_json(json.dumps(out, allow_nan=False))
+    else:
+        _show_check(targets, em, table_rows, diagnosis, all_targets)
+    if unusable:
+        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
+        raise typer.Exit(code=1)
+    if not diagnosis.feasible:
+        raise typer.Exit(code=EXIT_TOLERANCE)
+
+
+def _show_check(targets: Path, em, table_rows, diagnosis, all_targets: bool) -> None:
+    """The `check` tables: flagged targets, the least change, the conflicts, the risks."""
     shown = table_rows if all_targets else table_rows[table_rows["flags"] != ""]
     table = Table(title=f"{targets.name}: {em.n_targets} targets, {em.n_records:,} households")
     for col in ("target", "support", "initial estimate", "initial rel error"):
@@ -765,12 +649,39 @@ def check(
         )  # fmt: skip
     if len(shown):
         stdout.print(table)
+    if diagnosis.changes:
+        moves = Table(title="least change to the targets that makes them feasible")
+        for col in ("target", "value", "required value", "change"):
+            moves.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
+        for c in diagnosis.changes:
+            moves.add_row(escape(c.name), f"{c.value:,.0f}", f"{c.required_value:,.0f}",
+                          f"{c.rel_change:+.3%}")  # fmt: skip
+        stdout.print(moves)
+    for i, c in enumerate(diagnosis.conflicts, start=1):
+        stdout.print(f"conflict {i}: {escape(c.message)}", soft_wrap=True, highlight=False)
+    if not diagnosis.conflicts_complete:
+        stdout.print("the conflict search stopped early; more contradictions may remain")
     flagged = int((table_rows["flags"] != "").sum())
-    unusable = table_rows.loc[~table_rows["usable"], "name"].tolist()
-    stdout.print(f"{em.n_targets} targets checked, {flagged} flagged, {len(unusable)} unusable.")
-    if unusable:
-        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
-        raise typer.Exit(code=1)
+    unusable = int((~table_rows["usable"]).sum())
+    verdict = (
+        "all can be met"
+        if diagnosis.feasible
+        else f"they cannot all be met ({len(diagnosis.conflicts)} conflicts; least total "
+        f"change {diagnosis.total_rel_change:.3%})"
+    )
+    stdout.print(
+        f"{em.n_targets} targets checked, {flagged} flagged, {unusable} unusable; {verdict}."
+    )
+
+
+def _warn_targets(em, quiet: bool, **options) -> None:
+    """`check`'s findings as warnings before a fit (they never stop it). Conflicts are
+    named with a small LP budget; `l0calib check` names them all."""
+    if quiet:
+        return
+    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
+    for line in diagnosis.messages(limit=5):
+        _say(f"Warning: {line}")
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -835,17 +746,22 @@ def select(
         random_fraction = 1.0 - l0_fraction
     if targets is None and l0_fraction > 0:
         raise typer.BadParameter("the L0 part needs --targets", param_hint="--l0-fraction")
-    if output is None:
-        output = Path(f"{microdata.stem}_selected.parquet")
-    job = _Job.plan(microdata, targets or microdata, persons, output,
-                    report_dir if targets is not None else None, None, force,
-                    check_report=targets is not None, suffix="selected",
-                    entity=entity, entity_link=entity_link)  # fmt: skip
+    _check_holdout(holdout, holdout_fraction)
+    outs = _plan_outputs(microdata, targets, persons, output, report_dir, None, force,
+                         report=targets is not None, suffix="selected", entity=entity,
+                         entity_link=entity_link)  # fmt: skip
     result = None
-    with user_errors():
+    n_targets = None
+    with user_errors(), outs.plan.transaction() as tx:
         households = read_table(microdata)
+        # Refused before any work: columns the output would add.
+        for added in ("selection", f"{weight_column}_initial"):
+            if added in households.columns:
+                raise l0calib.DataError(
+                    f"{microdata}: column '{added}' already exists (the output adds it); rename it"
+                )
         person_frame = read_table(persons) if persons is not None else None
-        entity_frames = job.read_entities(households, id_column)
+        entity_frames = read_entities(outs.entities, households, id_column)
         strata = None
         if stratify is not None:
             if stratify not in households.columns:
@@ -859,7 +775,8 @@ def select(
         if targets is None:
             if weight_column not in households.columns:
                 raise l0calib.DataError(
-                    f"{microdata}: weight column '{weight_column}' is not in the data"
+                    f"{microdata}: weight column '{weight_column}' is not in the data "
+                    "(name it with --weight-column)"
                 )
             w0 = households[weight_column].to_numpy(dtype=float)
             idx, design = l0calib.pps_sample(w0, records, seed=seed, strata=strata)
@@ -870,7 +787,9 @@ def select(
             em = l0calib.build_estimate_matrix(
                 households, targets, person_frame, id_column=id_column,
                 weight_column=weight_column, person_household_column=person_household_column,
+                table_names={"households": str(microdata), "persons": str(persons)},
             )  # fmt: skip
+            n_targets = em.n_targets
             held = _holdout(em.names, holdout, holdout_fraction, seed)
             bar, callback = _fit_progress(quiet or hybrid.n_l0 == 0, epochs)
             with bar if bar is not None else ExitStack(), warnings.catch_warnings():
@@ -878,13 +797,14 @@ def select(
                 hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
                            callback=callback)  # fmt: skip
             result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
-        if "selection" in households.columns:
-            raise l0calib.DataError(f"{microdata}: column 'selection' already exists")
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types
-        job.write(kept, person_frame, None if result is None else em.n_targets, result,
-                  id_column, person_household_column, entity_frames)  # fmt: skip
-    job.finish(result, quiet)
+        shown = _write_outputs(
+            tx, outs, kept, person_frame, entity_frames, result, n_targets,
+            microdata=microdata, persons=persons, id_column=id_column,
+            weight_column=weight_column, person_household_column=person_household_column,
+        )  # fmt: skip
+    _finish(outs, shown, quiet)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -930,12 +850,10 @@ def gate(
 
 
 def run() -> None:
-    """Console-script entry point."""
-    try:
-        app(prog_name="l0calib")
-    except KeyboardInterrupt:
-        _say("Interrupted; no output was written.")
-        sys.exit(130)
+    """Console-script entry point (see :func:`l0calib_cli.run`)."""
+    from l0calib_cli import run as entry
+
+    entry()
 
 
 if __name__ == "__main__":  # pragma: no cover

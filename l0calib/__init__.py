@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from l0calib.calibrate import CalibrationResult, Progress, calibrate, refit
     from l0calib.classic import calibrate_exact
     from l0calib.datasets import SyntheticSurvey, synthetic_survey
+    from l0calib.diagnose import TargetDiagnosis, diagnose_targets
     from l0calib.gates import FeatureGate, HybridGate, L0Gate, SampleGate, pps_sample
     from l0calib.hardconcrete import HardConcrete
     from l0calib.io import read_table, write_table
@@ -51,6 +52,7 @@ _LAZY = {
     **dict.fromkeys(("CalibrationResult", "Progress", "calibrate", "refit"), "l0calib.calibrate"),
     "calibrate_exact": "l0calib.classic",
     **dict.fromkeys(("SyntheticSurvey", "synthetic_survey"), "l0calib.datasets"),
+    **dict.fromkeys(("TargetDiagnosis", "diagnose_targets"), "l0calib.diagnose"),
     **dict.fromkeys(
         ("FeatureGate", "HybridGate", "L0Gate", "SampleGate", "pps_sample"), "l0calib.gates"
     ),
@@ -117,6 +119,7 @@ __all__ = [
     "SampleGate",
     "SyntheticSurvey",
     "Target",
+    "TargetDiagnosis",
     "TargetError",
     "TemperatureScheduler",
     "__version__",
@@ -125,6 +128,7 @@ __all__ = [
     "calibrate",
     "calibrate_exact",
     "compute_l0l2_penalty",
+    "diagnose_targets",
     "pps_sample",
     "read_table",
     "read_targets",

@@ -1267,3 +1267,28 @@ def _check_options(
         raise ParameterError(f"init_keep must be strictly between 0 and 1, got {init_keep!r}")
     if tol is not None:
         nonneg("tol", tol)
+
+
+def check_options(n_records: int, **options: Any) -> None:
+    """Validate :func:`calibrate`'s options for a problem of ``n_records`` records, without
+    fitting: the same :class:`ParameterError` ``calibrate`` would raise, raised before any
+    data-dependent work (the CLI calls it before it reports on the targets). Options not
+    given take ``calibrate``'s defaults."""
+    import inspect
+
+    given = {
+        name: p.default
+        for name, p in inspect.signature(calibrate).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    unknown = set(options) - set(given)
+    if unknown:
+        raise ParameterError(f"unknown calibrate option(s): {', '.join(sorted(unknown))}")
+    given.update(options)
+    _check_options(
+        n_records, given["target_records"], given["lambda_l0"], given["lambda_l2"],
+        given["epochs"], given["lr"], given["temperature"], given["init_keep"],
+        given["patience"], given["log_every"], given["tol"], given["refit_max_iter"],
+    )  # fmt: skip
+    _resolve_device(given["device"])
+    _resolve_dtype(given["dtype"])

@@ -244,3 +244,9 @@ def _check_rank(em: Any, rows: np.ndarray) -> None:
         f"rank-deficient: {listed}{more}. Drop or merge them, or use l0calib.calibrate, "
         "which minimises the error instead"
     )
+
+
+def check_method(method: str, bounds: Any = None) -> None:
+    """Validate :func:`calibrate_exact`'s ``method`` and ``bounds`` without fitting (raises
+    :class:`ParameterError`, as ``calibrate_exact`` would)."""
+    _check_method(method, bounds)

@@ -222,14 +222,19 @@ def dependent_targets(em: EstimateMatrix, *, max_targets: int = 5000) -> dict[st
 
 
 def check_targets(
-    em: EstimateMatrix, *, min_support: int = 10, max_targets: int = 5000
+    em: EstimateMatrix,
+    *,
+    min_support: int = 10,
+    max_targets: int = 5000,
+    dependencies: dict[str, list[str]] | None = None,
 ) -> pd.DataFrame:
     """One row per target: support, initial estimate and error, and flags.
 
     Flags (a ``;``-separated string, empty when fine): ``zero support`` (no record
     contributes: unusable), ``tiny support (< min_support records)``, ``duplicate of X``
     (the same row as target X up to a factor), ``linear combination of ...`` (see
-    :func:`dependent_targets`). ``usable`` is False only for zero support.
+    :func:`dependent_targets`; pass its result as ``dependencies`` when already computed).
+    ``usable`` is False only for zero support.
     """
     support = em.support()
     weights = em.weights if em.weights is not None else np.ones(em.n_records)
@@ -251,7 +256,9 @@ def check_targets(
         else:
             seen[key] = k
     names = {n: i for i, n in enumerate(em.names)}
-    for dep, parts in dependent_targets(em, max_targets=max_targets).items():
+    if dependencies is None:
+        dependencies = dependent_targets(em, max_targets=max_targets)
+    for dep, parts in dependencies.items():
         i = names[dep]
         if not any(f.startswith("duplicate of") for f in flags[i]):
             flags[i].append(f"linear combination of {list_names(parts)}")

@@ -66,7 +66,7 @@ from l0calib.calibrate import (
     _train,
 )
 from l0calib.diagnostics import WeightDiagnostics
-from l0calib.exceptions import ParameterError
+from l0calib.exceptions import DataError, ParameterError
 from l0calib.targets import EstimateMatrix
 from l0calib.threads import available_cores, choose_threads, limit_threads
 
@@ -129,6 +129,7 @@ def load_shard(
     em = build_estimate_matrix(
         households, targets, person_frame, id_column=id_column, weight_column=weight_column,
         person_household_column=person_household_column, allow_zero_support=True,
+        table_names={"households": str(microdata), "persons": str(persons)},
     )  # fmt: skip
     return households, person_frame, em, start, n_total
 
@@ -198,8 +199,9 @@ def _stack_kept(
     return matrix, *(np.concatenate([p[i] for p in parts]) for i in range(1, 5))
 
 
-def _save(path: Path, fit: _Fit, loop: _Loop) -> None:
+def _save(path: Path, fit: _Fit, loop: _Loop, fingerprint: dict[str, str] | None = None) -> None:
     state = {
+        "fingerprint": dict(fingerprint or {}),
         "u": fit.u.detach().cpu(),
         "gates": None if fit.gates is None else {
             k: v.detach().cpu() for k, v in fit.gates.state_dict().items()
@@ -217,8 +219,18 @@ def _save(path: Path, fit: _Fit, loop: _Loop) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: Path, fit: _Fit) -> _Loop:
-    state = torch.load(path, weights_only=True, map_location=fit.device)
+def _load(path: Path, fit: _Fit, fingerprint: dict[str, str] | None = None) -> _Loop:
+    try:
+        state = torch.load(path, weights_only=True, map_location=fit.device)
+        if not isinstance(state, dict) or "loop" not in state:
+            raise ValueError("not an l0calib checkpoint")
+    except Exception as exc:  # truncated or foreign file: name it, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{path}: cannot resume from this checkpoint (truncated or not an l0calib "
+            f"checkpoint: {reason}); remove it or start without --resume"
+        ) from None
+    _check_fingerprint(path, state.get("fingerprint") or {}, fingerprint or {})
     with torch.no_grad():
         fit.u.copy_(state["u"])
     if fit.gates is not None:
@@ -229,6 +241,22 @@ def _load(path: Path, fit: _Fit) -> _Loop:
         goal = None if math.isnan(row[6]) else row[6]
         loop.history.append((int(row[0]), *row[1:6], goal, *row[7:]))
     return loop
+
+
+def _check_fingerprint(path: Path, then: dict[str, str], now: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint written for other inputs or options, naming them."""
+    differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if not differ:
+        return
+    shown = [
+        f"{k} (checkpoint: {then.get(k, 'not recorded')}, now: {now.get(k, 'not given')})"
+        if not k.startswith("file ") else f"{k} (its contents changed)"
+        for k in differ
+    ]  # fmt: skip
+    raise DataError(
+        f"{path}: the checkpoint was written for other inputs or options: {'; '.join(shown)}; "
+        "resume with the same ones, or start without --resume"
+    )
 
 
 def calibrate_shard(
@@ -263,6 +291,7 @@ def calibrate_shard(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    fingerprint: dict[str, str] | None = None,
     threads: int | None = None,
     group: Any = None,
 ) -> CalibrationResult:
@@ -285,6 +314,10 @@ def calibrate_shard(
         optimizer, gate-noise counter, schedule and early-stopping state, history) with
         ``torch.save``; ``resume=True`` loads it (``torch.load(weights_only=True)``) and
         continues: the result equals an uninterrupted run's.
+    fingerprint : dict of str -> str, optional
+        What the run depends on (input file hashes, options), saved in every checkpoint;
+        resuming with a different one is a :class:`DataError` naming the differing keys.
+        A truncated or foreign checkpoint is a :class:`DataError` naming the file.
     threads : int, optional
         Threads for this rank (as for :func:`l0calib.calibrate`), at most the available
         cores divided by the number of ranks on this machine (``LOCAL_WORLD_SIZE`` under
@@ -348,7 +381,7 @@ def calibrate_shard(
         if resume:
             if ckpt is None or not ckpt.exists():
                 raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
-            state = _load(ckpt, fit)
+            state = _load(ckpt, fit, fingerprint)
         with _CsvLog(log_path if comm.rank == 0 else None) as log:
             if not gated and refit:
                 # As in calibrate(): without gates the refit (anchored on the initial weights)
@@ -358,7 +391,8 @@ def calibrate_shard(
                 loop = _train(
                     fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
                     callback=callback, log=log, log_every=log_every, resume=state,
-                    checkpoint=(lambda st: _save(ckpt, fit, st)) if ckpt is not None else None,
+                    checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint))
+                    if ckpt is not None else None,
                     checkpoint_every=checkpoint_every,
                 )  # fmt: skip
             weights_out, info = _select_and_refit_shard(
@@ -372,8 +406,7 @@ def calibrate_shard(
             "target_records": target_records, "gate_shift_final": loop.shift,
             "selection": selection, "lambda_l2": lambda_l2,
             "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
-            "threads": n_threads,
-            "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
+            "threads": n_threads, "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
         })  # fmt: skip
         return _result(
             pb,

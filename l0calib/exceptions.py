@@ -9,7 +9,9 @@ Python conventions keeps working::
     ├── ParameterError(ValueError)   an argument to a library function is invalid
     ├── DataError(ValueError)        the microdata (records, weights, persons) is unusable
     ├── TargetError(ValueError)      a target definition or expression is unusable
-    └── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
+    ├── CalibrationError             the fit itself cannot be done (e.g. infeasible targets)
+    └── OutputError                  an output cannot be written: it exists, it is also an
+                                     input or another output, or the file system refused
 
     ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance
 
@@ -25,6 +27,7 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "L0CalibError",
+    "OutputError",
     "ParameterError",
     "TargetError",
 ]
@@ -68,3 +71,9 @@ class CalibrationError(L0CalibError):
 
 class ConvergenceWarning(UserWarning):
     """A fit stopped before meeting the requested tolerance; results are still returned."""
+
+
+class OutputError(L0CalibError):
+    """An output cannot be written: it already exists (without overwrite), it is an input
+    or another output of the same run, or the file system refused (``"<path>: <reason>"``).
+    """

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from l0calib.exceptions import DataError
+from l0calib.exceptions import DataError, OutputError
 
 __all__ = [
     "atomic_dir",
     "atomic_path",
     "count_rows",
+    "partial_path",
     "read_table",
+    "remove_stale_partials",
     "table_format",
     "write_frame",
     "write_table",
@@ -189,16 +192,17 @@ def _read_where(
 
         table = pq.read_table(p, columns=columns, filters=[(column, "in", keep.tolist())])
         return table.to_pandas().reset_index(drop=True)
+    # The index keeps each row's position in the file (see write_frame's ``source``).
     parts = [chunk[chunk[column].isin(keep)] for chunk in
              _read_csv(p, columns, text, chunksize=1_000_000)]  # fmt: skip
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    return pd.concat(parts) if parts else pd.DataFrame(columns=columns)
 
 
 def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> Any:
     try:
+        dtype: Any = str if text else {c: str for c in _code_columns(p)}
         return pd.read_csv(
-            p, usecols=columns, encoding="utf-8-sig", low_memory=False,
-            dtype=str if text else None, **kwargs,
+            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=dtype, **kwargs,
         )  # fmt: skip
     except UnicodeDecodeError as exc:
         line = _line_of_byte(p, exc.start)
@@ -212,9 +216,84 @@ def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> 
         raise DataError(f"{p}: malformed CSV: {exc}") from None
 
 
+_CODES: dict[tuple[str, int, int], list[str]] = {}
+
+
+def _code_columns(p: Path) -> list[str]:
+    """Columns of a CSV file that hold codes, not numbers: some value has a leading zero
+    (``01612596057020``, ZIP ``02134``, FIPS ``06``) or more digits than a float keeps.
+    They are read as text, so they mean in a filter and come out exactly what the file
+    says, as they would from Parquet. One scan per file version, remembered."""
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _CODES:
+        found: set[str] = set()
+        for chunk in pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                 chunksize=500_000, low_memory=False):  # fmt: skip
+            for column in chunk.columns:
+                if column not in found and chunk[column].str.match(_LOSSY).any():
+                    found.add(column)
+        if len(_CODES) > 32:
+            _CODES.clear()
+        _CODES[key] = sorted(found)
+    return _CODES[key]
+
+
 def _line_of_byte(p: Path, offset: int) -> int:
     with open(p, "rb") as f:
         return f.read(offset).count(b"\n") + 1
+
+
+# Temporary names: ``.<name>.<pid>-<random>.l0calib.partial`` beside the file they become.
+# The pid lets a later run remove the leftovers of a killed run (its pid is gone) without
+# touching a running one's; nothing else is ever removed.
+_PARTIAL = ".l0calib.partial"
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.l0calib\.partial$")
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name beside ``path`` (not created): ``.<name>.<pid>-<hex>``
+    ``.l0calib.partial``, the only names :func:`remove_stale_partials` removes."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{_PARTIAL}")
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files (or directories) of ``path`` left by killed runs.
+
+    Only names :func:`partial_path` makes for this very ``path``, whose process id is no
+    longer running, are removed. Returns what was removed.
+    """
+    target = Path(path)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent if str(target.parent) else "."))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PARTIAL_RE.match(entry.name)
+        if m is None or m["name"] != target.name or _pid_alive(int(m["pid"])):
+            continue
+        stale = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -222,17 +301,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
 
     If the body raises (or is interrupted), the temporary file is removed and ``path`` is
-    left as it was, so no partial output is ever visible.
+    left as it was, so no partial output is ever visible. Leftovers of a killed run
+    writing the same ``path`` are removed first.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    remove_stale_partials(target)
+    tmp = partial_path(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
-        # mkstemp creates the file 0600; give it the mode a normal open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -241,29 +320,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; move it to ``path`` only on success.
+    """Yield a temporary directory; its files go into ``path`` only on success.
 
-    An existing ``path`` is replaced only with ``overwrite``; otherwise it is a
-    :class:`DataError`. On failure the temporary directory is removed.
+    Only files are placed (a flat directory). An existing ``path`` is never removed: with
+    ``overwrite``, files it holds that a previous l0calib write listed in its manifest may
+    be replaced; any other existing file of the same name is a :class:`DataError`. See
+    :class:`l0calib.outputs.OutputPlan`, which does this for a whole run.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            if not overwrite:
-                raise DataError(f"{path}: already exists (use --force / overwrite=True)")
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        os.chmod(path, 0o777 & ~_umask())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from l0calib.outputs import OutputPlan
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    plan = OutputPlan(report_dir=Path(path), force=overwrite)
+    with plan.transaction() as tx:
+        yield tx.report_dir_temp
 
 
 def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -273,25 +341,100 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     -------
     pathlib.Path
         The written path.
+
+    Raises
+    ------
+    OutputError
+        When the file system refuses (full disk, read-only, a parent that is a file...):
+        ``"<path>: <reason>"``; nothing is left behind.
     """
     p = Path(path)
     table_format(p)  # refuse an unsupported extension before writing anything
-    with atomic_path(p) as tmp:
-        write_frame(frame, tmp, like=p)
+    try:
+        with atomic_path(p) as tmp:
+            write_frame(frame, tmp, like=p)
+    except OSError as exc:
+        raise os_error(exc, p) from None
     return p
 
 
-def write_frame(frame: pd.DataFrame, path: Path, *, like: Path) -> None:
+def write_frame(
+    frame: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    like: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
+    computed: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Write ``frame`` to ``path`` (not atomically) in the format ``like``'s name implies.
 
     For writing into a temporary file that is renamed to ``like`` later (see
-    :func:`atomic_path`).
+    :func:`atomic_path` and :class:`l0calib.outputs.OutputPlan`).
+
+    With ``source``, a CSV file ``frame``'s rows came from (its index holding their 0-based
+    row positions in that file), every column not in ``computed`` is given back as it was
+    in the file: the same text in a CSV output (ids such as ``01612596057020`` keep their
+    leading zero, ``1.10`` stays ``1.10``); in a Parquet output, the columns whose numbers
+    would lose something (a leading zero, more than 15 digits) stay text.
     """
+    if source is not None and table_format(source) == "csv":
+        frame = _with_source_text(frame, Path(source), set(computed),
+                                  all_text=table_format(like) == "csv")  # fmt: skip
     if table_format(like) == "csv":
-        frame.to_csv(path, index=False, compression=_compression(like))
+        frame.to_csv(path, index=False, compression=_compression(Path(like)))
     else:
         frame.to_parquet(path, index=False)
 
 
+# A leading zero, or more digits than a float64 keeps: a code, not a number.
+_LOSSY = re.compile(r"^[+-]?0\d|^[+-]?\d{16,}$")
+
+
+def _with_source_text(
+    frame: pd.DataFrame, source: Path, computed: set[str], *, all_text: bool
+) -> pd.DataFrame:
+    index = frame.index
+    if len(frame) == 0 or not index.is_unique or not pd.api.types.is_integer_dtype(index):
+        return frame
+    columns = [c for c in frame.columns if c not in computed]
+    wanted = pd.Index(index)
+    parts = []
+    for chunk in pd.read_csv(
+        source, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig",
+        chunksize=500_000, low_memory=False,
+    ):  # fmt: skip
+        keep = chunk.index.intersection(wanted)
+        if len(keep):
+            parts.append(chunk.loc[keep, [c for c in columns if c in chunk.columns]])
+    if not parts:
+        return frame
+    text = pd.concat(parts)
+    if len(text) != len(frame):
+        return frame  # rows not from this file: keep the values as they are
+    text = text.loc[index]
+    out = frame.copy()
+    for column in text.columns:
+        if frame[column].dtype == object and not all_text:
+            continue  # already text
+        values = text[column]
+        if all_text or values.str.match(_LOSSY).any():
+            if all_text:
+                out[column] = values.to_numpy()
+            else:
+                out[column] = values.where(values != "", None).to_numpy()
+    return out
+
+
 def _compression(p: Path) -> str | None:
     return _COMPRESSION.get(p.suffix.lower())
+
+
+def os_error(exc: OSError, path: str | os.PathLike[str]) -> OutputError:
+    """An :class:`OutputError` ``"<path>: <reason>"`` for an operating-system error."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename if exc.filename and not _is_partial(exc.filename) else path
+    return OutputError(f"{where}: {reason}")
+
+
+def _is_partial(name: Any) -> bool:
+    return isinstance(name, (str, os.PathLike)) and str(name).endswith(_PARTIAL)

@@ -17,9 +17,16 @@ import pandas as pd
 from l0calib._version import __version__
 from l0calib.calibrate import CalibrationResult
 from l0calib.exceptions import DataError, ParameterError
-from l0calib.io import atomic_dir
 
-__all__ = ["apply_weights", "keep_linked_rows", "summary", "with_weights", "write_report"]
+__all__ = [
+    "apply_weights",
+    "check_added_columns",
+    "keep_linked_rows",
+    "summary",
+    "with_weights",
+    "write_report",
+    "write_report_files",
+]
 
 
 def apply_weights(
@@ -55,6 +62,20 @@ def with_weights(
     out.insert(position, initial, out[weight_column].to_numpy())
     out[weight_column] = weights[kept]
     return out
+
+
+def check_added_columns(
+    frame: pd.DataFrame, path: str | os.PathLike[str], weight_column: str,
+    also: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Refuse, before any work, a table that already has a column the output adds
+    (``<weight_column>_initial``, and ``also``); the message names ``path``."""
+    for added in (f"{weight_column}_initial", *also):
+        if added in frame.columns:
+            raise DataError(
+                f"{path}: column '{added}' already exists, and the output adds a column of "
+                "that name; rename it (or choose another --weight-column)"
+            )
 
 
 def keep_linked_rows(
@@ -116,6 +137,25 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def write_report_files(
+    result: CalibrationResult,
+    directory: str | os.PathLike[str],
+    *,
+    n_targets: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``targets.csv``, ``summary.json`` and ``history.csv`` into the existing
+    ``directory`` (not atomically: a temporary directory that is moved into place later,
+    as :func:`write_report` and :class:`l0calib.outputs.OutputPlan` do)."""
+    tmp = Path(directory)
+    cols = ["name", "target", "estimate", "error", "rel_error", "holdout", "within_tolerance"]
+    result.report[cols].to_csv(tmp / "targets.csv", index=False)
+    result.history.to_csv(tmp / "history.csv", index=False)
+    with open(tmp / "summary.json", "w") as f:
+        json.dump(summary(result, n_targets=n_targets, extra=extra), f, indent=2)
+        f.write("\n")
+
+
 def write_report(
     result: CalibrationResult,
     directory: str | os.PathLike[str],
@@ -126,19 +166,25 @@ def write_report(
 ) -> Path:
     """Write ``targets.csv``, ``summary.json`` and ``history.csv`` into ``directory``.
 
-    The directory is assembled under a temporary name and renamed when complete.
+    The files are assembled under a temporary name and moved into place when complete. An
+    existing directory is never removed: only files an earlier l0calib write put there
+    (listed in its manifest) are replaced, and only with ``overwrite``.
 
     Returns
     -------
     pathlib.Path
         The report directory.
+
+    Raises
+    ------
+    OutputError
+        If a file would be replaced without ``overwrite``, or a file of the same name that
+        l0calib did not write is in the way.
     """
+    from l0calib.outputs import OutputPlan
+
     target = Path(directory)
-    with atomic_dir(target, overwrite=overwrite) as tmp:
-        cols = ["name", "target", "estimate", "error", "rel_error", "holdout", "within_tolerance"]
-        result.report[cols].to_csv(tmp / "targets.csv", index=False)
-        result.history.to_csv(tmp / "history.csv", index=False)
-        with open(tmp / "summary.json", "w") as f:
-            json.dump(summary(result, n_targets=n_targets, extra=extra), f, indent=2)
-            f.write("\n")
+    with OutputPlan(report_dir=target, force=overwrite).transaction() as tx:
+        tx.write_report(lambda d: write_report_files(result, d, n_targets=n_targets,
+                                                     extra=extra))  # fmt: skip
     return target

@@ -137,6 +137,9 @@ def _read_targets(
     return parsed, problems, label
 
 
+MAX_NAME_LENGTH = 1000  # characters of a target name
+
+
 def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[tuple[int, str]]]:
     """Parse rows; structural problems (missing columns, no rows) raise at once."""
     columns = [str(c).strip() for c in frame.columns]
@@ -165,10 +168,15 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[t
     first_row: dict[str, int] = {}
     for i, rec in enumerate(frame.to_dict("records"), start=1):
         name = None if _blank(rec.get("name")) else str(rec["name"]).strip()
-        where = _where(source, i, name)
+        too_long = name is not None and len(name) > MAX_NAME_LENGTH
+        where = _where(source, i, name[:40] + "..." if too_long and name else name)
         row_problems: list[str] = []
         if name is None:
             row_problems.append("column 'name' is empty")
+        elif too_long:
+            row_problems.append(
+                f"column 'name' is {len(name):,} characters long; at most {MAX_NAME_LENGTH}"
+            )
         elif name in first_row:
             row_problems.append(f"duplicate target name (first used on row {first_row[name]})")
         else:
@@ -197,6 +205,10 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[t
                 except ExpressionError as exc:
                     row_problems.append(f"column '{col}': {exc}")
         group = None if _blank(rec.get("group")) else str(rec["group"]).strip()
+        if value is not None and value < 0 and exprs["variable"] is None:
+            row_problems.append(
+                f"column 'value': a count target (no 'variable') cannot be negative, got {value:g}"
+            )
         row_problem_list.extend((i, f"{where}: {p}") for p in row_problems)
         if not row_problems:
             out.append(
@@ -493,12 +505,22 @@ def _load(frame_or_path: Any, label: str) -> tuple[pd.DataFrame, str]:
     raise ParameterError(f"{label} must be a DataFrame or a path, got {type(frame_or_path)}")
 
 
-def _column_problem(frame: pd.DataFrame, column: str, role: str) -> str | None:
+_OPTION = {"id": "--id-column", "weight": "--weight-column",
+           "household link": "--person-household-column"}  # fmt: skip
+
+
+def _column_problem(
+    frame: pd.DataFrame, column: str, role: str, taken: tuple[str, ...] = ()
+) -> str | None:
+    """``taken``: columns with another role, never suggested for this one."""
     if column in frame.columns:
         return None
-    hint = closest(column, [str(c) for c in frame.columns])
-    return f"{role} column '{column}' is not in the data" + (
-        f" (did you mean '{hint}'?)" if hint else ""
+    hint = closest(column, [str(c) for c in frame.columns if c not in taken])
+    option = f"; name it with {_OPTION[role]} (or {_OPTION[role][2:].replace('-', '_')}=)"
+    return (
+        f"{role} column '{column}' is not in the data"
+        + (f" (did you mean '{hint}'?)" if hint else "")
+        + option
     )
 
 
@@ -514,8 +536,8 @@ def _check_households(
     problems = [
         p
         for p in (
-            _column_problem(frame, id_column, "id"),
-            _column_problem(frame, weight_column, "weight"),
+            _column_problem(frame, id_column, "id", (weight_column,)),
+            _column_problem(frame, weight_column, "weight", (id_column,)),
         )
         if p
     ]
@@ -554,6 +576,8 @@ def _check_households(
             f"column '{weight_column}' must be >= 0; {len(rows):,} rows are negative "
             f"(rows {_rows(rows)})"
         )
+    if not problems and not (w > 0).any():
+        problems.append(f"column '{weight_column}' is 0 in every row: no weight to calibrate")
     if problems:
         raise DataError.from_problems(label, problems)
     return w
@@ -562,7 +586,7 @@ def _check_households(
 def _link_persons(
     persons: pd.DataFrame, label: str, link: str, household_ids: pd.Series, hh_label: str
 ) -> np.ndarray:
-    problem = _column_problem(persons, link, "household link")
+    problem = _column_problem(persons, link, "household link", ("person_id",))
     if problem:
         raise DataError(f"{label}: {problem}")
     keys = persons[link]
@@ -638,6 +662,7 @@ def build_estimate_matrix(
     weight_column: str = "household_weight",
     person_household_column: str = "person_household_id",
     allow_zero_support: bool = False,
+    table_names: dict[str, str] | None = None,
 ) -> EstimateMatrix:
     """Build the sparse estimate matrix from microdata and a targets table.
 
@@ -657,6 +682,9 @@ def build_estimate_matrix(
     allow_zero_support : bool, default False
         Keep targets no record contributes to as all-zero rows (listed in
         ``zero_support``) instead of reporting them as errors.
+    table_names : dict, optional
+        How messages name the ``"households"`` and ``"persons"`` tables given as frames
+        (e.g. the files they were read from). Default: those words (a path's file name).
 
     Returns
     -------
@@ -683,7 +711,8 @@ def build_estimate_matrix(
     array([[  1.,   0.,   1.],
            [100.,   0.,  50.]])
     """
-    hh_frame, hh_label = _load(households, "households")
+    labels = dict(table_names or {})
+    hh_frame, hh_label = _load(households, labels.get("households", "households"))
     weights = _check_households(hh_frame, hh_label, id_column, weight_column)
     # Rows that cannot be parsed are reported together with those that cannot be evaluated.
     target_list, problems, tg_label = _read_targets(targets, None)
@@ -691,7 +720,7 @@ def build_estimate_matrix(
 
     entities: dict[str, _Entity] = {"household": _Entity(hh_frame)}
     if persons is not None:
-        p_frame, p_label = _load(persons, "persons")
+        p_frame, p_label = _load(persons, labels.get("persons", "persons"))
         pos = _link_persons(
             p_frame, p_label, person_household_column, hh_frame[id_column], hh_label
         )
@@ -746,7 +775,7 @@ def build_estimate_matrix(
         more = len(needs_persons) - 1
         also = f" (and {more} more person target{'s' if more > 1 else ''})" if more else ""
         problems.append((needs_persons[0][0], f"{first}{also}: entity 'person' needs a "
-                         "persons table, and none was given"))  # fmt: skip
+                         "persons table, and none was given (--persons FILE)"))  # fmt: skip
     if problems:
         # Parse problems and evaluation problems together, in file row order (stable).
         ordered = sorted(problems, key=lambda p: p[0])

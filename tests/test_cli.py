@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -90,9 +91,17 @@ def test_module_and_console_script() -> None:
     assert "Usage" in out.stdout
 
 
-def test_cli_is_not_a_bare_top_level_package() -> None:
-    import importlib.util
-
-    assert importlib.util.find_spec("cli") is None or "l0calib" not in str(
-        importlib.util.find_spec("cli").origin
+def test_cli_is_not_a_bare_top_level_package(tmp_path: Path) -> None:
+    """The CLI installs as ``l0calib_cli``; a bare ``cli`` package of ours must not be
+    importable. Asked from a fresh interpreter in another directory, so neither the test
+    runner's path nor the name of the folder the repository was cloned into (git's default
+    is ``l0calib``) changes the answer."""
+    probe = (
+        "import importlib.util as u; s = u.find_spec('cli'); c = u.find_spec('l0calib_cli'); "
+        "print(s.origin if s else ''); print(c.origin)"
     )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout.splitlines()  # fmt: skip
+    ours = (ROOT / "cli" / "__init__.py").resolve()
+    assert out[0] == "" or Path(out[0]).resolve() != ours
+    assert out[1]  # the namespaced package is importable

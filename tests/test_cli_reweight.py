@@ -57,7 +57,7 @@ def test_reweight_writes_exact_count_and_consistent_totals(
     # input row order is kept
     assert kept["household_id"].is_monotonic_increasing
     # persons of dropped households are gone, persons of kept ones all present
-    persons_out = _read(tmp_path / f"people_reweighted.{fmt_out}")
+    persons_out = _read(tmp_path / f"small_persons.{fmt_in}")
     assert set(persons_out["person_household_id"]) <= set(kept["household_id"])
     all_people = _read(people)
     expected_people = all_people["person_household_id"].isin(kept["household_id"]).sum()
@@ -93,8 +93,8 @@ def test_default_output_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "households_reweighted.parquet",
+        "households_reweighted_persons.csv",
         "households_reweighted_report",
-        "persons_reweighted.parquet",
     ]
 
 
@@ -105,7 +105,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
             "--persons", str(TINY / "persons.csv"), "--epochs", "20", "--quiet"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    assert f"Error: {out} already exists (use --force to overwrite)" in result.stderr
+    assert f"Error: {out}: already exists (use --force to overwrite)" in result.stderr
     assert out.read_text() == "keep me"
     result = runner.invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
@@ -164,13 +164,19 @@ def test_missed_tolerance_exits_3_with_outputs(tmp_path: Path) -> None:
 
 
 def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
+    # The fixture's targets are drawn with 2% noise, so its three identities (tenures, AGI
+    # bands and age x sex cells each add up to state totals) do not hold: exit code 3.
     result = runner.invoke(app, ["check", str(SURVEY / "households.parquet"),
                                  str(SURVEY / "targets.csv"), "--persons",
                                  str(SURVEY / "persons.parquet")])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "236 targets checked" in result.stdout
     assert "tiny support" in result.stdout
     assert "linear combination of" in result.stdout
+    assert "values disagree: they give" in result.stdout
+    assert "least change to the targets that makes them feasible" in result.stdout
+    assert "conflict 1: the sum of the 3 tenure targets" in result.stdout
+    assert "they cannot all be met (3 conflicts" in result.stdout
     bad = tmp_path / "t.csv"
     bad.write_text("name,value,filter\nnobody,5,state == 'WA'\nok,1,\ndup,2,\n")
     result = runner.invoke(app, ["check", str(TINY / "households.csv"), str(bad)])
@@ -178,6 +184,53 @@ def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
     assert "zero support" in result.stdout
     assert "duplicate of ok" in result.stdout
     assert "Error: 1 target(s) cannot be used: nobody" in result.stderr
+
+
+def test_check_feasible_json_risk_and_bounds(tmp_path: Path) -> None:
+    # Households and California's households: both can be met, exit 0.
+    ok = tmp_path / "t.csv"
+    ok.write_text('name,value,filter\nhouseholds,600,\nhouseholds_CA,320,"state == ""CA"""\n')
+    args = ["check", str(TINY / "households.csv"), str(ok)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 targets checked" in result.stdout
+    assert "all can be met" in result.stdout
+    result = runner.invoke(app, [*args, "--json", "--target-records", "2"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["feasible"] is True
+    assert found["target_records"] == 2
+    assert [r["name"] for r in found["targets"]] == ["households", "households_CA"]
+    # 2 of the 5 households are in CA: a draw of 2 misses both with probability 3/10
+    (risk,) = found["pruning_risks"]
+    assert risk["name"] == "households_CA"
+    assert risk["p_short"] == pytest.approx(0.3)
+    # Tight bounds make some target unreachable: exit 3, named in the JSON.
+    result = runner.invoke(app, [*args, "--json", "--bounds", "0.99,1.01"])
+    assert result.exit_code == 3, result.output
+    found = json.loads(result.stdout)
+    assert found["feasible"] is False
+    assert found["conflicts"]
+    assert found["changes"]
+    assert found["bounds"] == [0.99, 1.01]
+    result = runner.invoke(app, [*args, "--bounds", "1"])
+    assert result.exit_code == 2
+
+
+def test_reweight_warns_about_infeasible_targets(tmp_path: Path) -> None:
+    bad = tmp_path / "t.csv"
+    bad.write_text(
+        (TINY / "targets.csv").read_text() + 'more_CA,999,,"state == ""CA""",household,,,\n'
+    )
+    result = runner.invoke(app, [
+        "reweight", str(TINY / "households.csv"), str(bad), "--persons", str(TINY / "persons.csv"),
+        "--epochs", "5", "-o", str(tmp_path / "o.csv"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Warning: the targets cannot all be met" in result.stderr
+    assert "Warning: households_CA (320) is below" in result.stderr or (
+        "Warning: more_CA (999) is above" in result.stderr
+    )
 
 
 @pytest.mark.slow  # a full reweight in a fresh process
@@ -252,7 +305,7 @@ def test_select_hybrid_writes_exact_split(
     assert sel["selection"].value_counts().to_dict() == {"random": 180, "l0": 120}
     assert (sel["household_weight"] > 0).all()
     assert sel["household_id"].is_monotonic_increasing
-    persons_out = _read(tmp_path / f"people_selected.{fmt}")
+    persons_out = _read(tmp_path / f"sel_persons.{fmt}")
     assert set(persons_out["person_household_id"]) == set(sel["household_id"])
     # The report's estimates are the totals of the written weights.
     report = pd.read_csv(tmp_path / "sel_report" / "targets.csv")
@@ -334,8 +387,9 @@ def test_entities_follow_the_kept_households(
     assert result.exit_code == 0, result.output
     suffix = "reweighted" if command == "reweight" else "selected"
     kept = set(pd.read_parquet(f"households_{suffix}.parquet")["household_id"])
-    tu_out = pd.read_parquet(f"tu_{suffix}.parquet")
-    spm_out = pd.read_parquet(f"spm_{suffix}.parquet")
+    # Each entity is named after the output, in its own input's format.
+    tu_out = pd.read_csv(f"households_{suffix}_tax_unit.csv")
+    spm_out = pd.read_parquet(f"households_{suffix}_spm_unit.parquet")
     assert set(tu_out["tax_unit_household_id"]) == kept
     assert set(spm_out["hh"]) == kept
 
@@ -382,8 +436,8 @@ def test_two_processes_write_what_one_writes(
     a, b = pd.read_parquet("one/out.parquet"), pd.read_parquet("two/out.parquet")
     assert a["household_id"].tolist() == b["household_id"].tolist()
     assert np.allclose(a["household_weight"], b["household_weight"], rtol=1e-6)
-    pa = pd.read_parquet("one/persons_reweighted.parquet")
-    pb = pd.read_parquet("two/persons_reweighted.parquet")
+    pa = pd.read_parquet("one/out_persons.parquet")
+    pb = pd.read_parquet("two/out_persons.parquet")
     assert pa["person_id"].tolist() == pb["person_id"].tolist()
     ra = pd.read_csv("one/out_report/targets.csv")
     rb = pd.read_csv("two/out_report/targets.csv")

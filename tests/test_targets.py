@@ -267,7 +267,7 @@ def test_unknown_column_type_error_and_missing_values_in_data(tmp_path: Path) ->
         "targets.csv row 7 ('num_filter'): column 'filter': a filter must be true/false, got a "
         "number (use a comparison such as x > 0)",
         "targets.csv row 8 ('persons_missing'): entity 'person' needs a persons table, and "
-        "none was given",
+        "none was given (--persons FILE)",
         "targets.csv row 9 ('inf_var'): column 'variable': the variable gives non-finite "
         "values (inf or NaN) in 2 rows (rows 1, 3)",
     ]
@@ -382,5 +382,5 @@ def test_missing_persons_table_is_one_problem(tmp_path: Path) -> None:
         build_estimate_matrix(tiny("households.csv"), path)
     assert info.value.problems == [
         "targets.csv row 1 ('kids') (and 2 more person targets): entity 'person' needs a "
-        "persons table, and none was given"
+        "persons table, and none was given (--persons FILE)"
     ]
