@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.table import Table
 
 import l0calib  # light: its public names load on first use
 from l0calib.exceptions import L0CalibError
+
+if TYPE_CHECKING:
+    from l0calib.outputs import Transaction
 
 
 class _Lazy:
