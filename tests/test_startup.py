@@ -13,7 +13,7 @@ HEAVY = ("torch", "pandas", "scipy", "numpy", "pyarrow")
 
 CODE = """
 import sys
-from l0calib_cli.main import run
+from l0calib_cli import run
 sys.argv = ["l0calib", *{args!r}]
 try:
     run()
