@@ -576,7 +576,10 @@ def _solve_ratios(
     ``message``, ``dual``).
     """
     rows = np.flatnonzero(pb.fitted)
-    ab = (pb.em.matrix[rows][:, idx] @ sp.diags(base)).tocsr()
+    m = pb.em.matrix[rows] if rows.size < pb.em.n_targets else pb.em.matrix
+    if not (idx.size == m.shape[1] and (idx == np.arange(idx.size)).all()):
+        m = m[:, idx]  # (every record, in order: no copy by column indexing)
+    ab = (m @ sp.diags(base)).tocsr()
     sol = solve_ratios(
         ab, pb.em.values[rows], pb.scale[rows], pb.tol[rows], pb.coef[rows], lambda_l2,
         lower=lower, upper=math.inf if upper is None else upper, max_iter=max_iter,
