@@ -579,7 +579,10 @@ def _solve_ratios(
     m = pb.em.matrix[rows] if rows.size < pb.em.n_targets else pb.em.matrix
     if not (idx.size == m.shape[1] and (idx == np.arange(idx.size)).all()):
         m = m[:, idx]  # (every record, in order: no copy by column indexing)
-    ab = (m @ sp.diags(base)).tocsr()
+    m = sp.csr_matrix(m)
+    # Columns scaled by base through the values alone (a sparse product with a diagonal
+    # matrix costs a full sparse-product pass; the index arrays are shared, read only).
+    ab = sp.csr_matrix((m.data * base[m.indices], m.indices, m.indptr), shape=m.shape)
     sol = solve_ratios(
         ab, pb.em.values[rows], pb.scale[rows], pb.tol[rows], pb.coef[rows], lambda_l2,
         lower=lower, upper=math.inf if upper is None else upper, max_iter=max_iter,

@@ -148,9 +148,11 @@ def solve_ratios(
         raise ValueError(f"{int((lo > hi).sum())} lower bounds exceed their upper bounds")
     # Rows with coefficient 0 do not enter the objective (their multiplier is 0).
     rows = np.flatnonzero(coef > 0)
-    Bs = sp.diags(1.0 / scale[rows]) @ B[rows]
+    Br = B[rows] if rows.size < K else B
+    # Rows divided by their scale through the values alone (no sparse product pass).
+    per_value = np.repeat(1.0 / scale[rows], np.diff(Br.indptr))
+    Bs = sp.csr_matrix((Br.data * per_value, Br.indices, Br.indptr), shape=Br.shape)
     ts, tl, c = t[rows] / scale[rows], tol[rows], coef[rows]
-    Bs = Bs.tocsr()
     v_start = None if dual is None else np.asarray(dual, dtype=np.float64)[rows]
 
     if lambda_l2 <= 0 or m == 0:
@@ -238,7 +240,7 @@ class _Newton:
                     self.M += _outer(self.BT, add) - _outer(self.BT, rem)
                     self.M_free = free.copy()
                 return self.M
-        self.M = _outer(self.BT, np.flatnonzero(free))
+        self.M = _outer(self.BT, np.flatnonzero(free), self.B)
         self.M_free = free.copy()
         return self.M
 
@@ -405,11 +407,14 @@ class _Newton:
         )  # fmt: skip
 
 
-def _outer(BT: sp.csr_matrix, idx: np.ndarray) -> np.ndarray:
-    """Dense B~[:, idx] B~[:, idx]^T from the record-major transpose ``BT``."""
+def _outer(BT: sp.csr_matrix, idx: np.ndarray, B: sp.csr_matrix | None = None) -> np.ndarray:
+    """Dense B~[:, idx] B~[:, idx]^T from the record-major transpose ``BT`` (and, when
+    every record is in ``idx``, from ``B`` itself: no row selection or transposition)."""
     K = BT.shape[1]
     if idx.size == 0:
         return np.zeros((K, K))
+    if B is not None and idx.size == BT.shape[0]:
+        return np.asarray((B @ BT).toarray())
     sub = BT[idx]
     return np.asarray((sub.T @ sub).toarray())
 
