@@ -134,6 +134,7 @@ def main() -> None:
         "households": args.households,
         "targets": found["n_targets"],
         "unperturbed": {"feasible": clean["feasible"], "exit": clean_rc,
+                        "lp_solves": clean["lp_solves"],
                         "seconds": round(clean_s, 2), "cpu_seconds": round(clean_cpu, 2),
                         "peak_rss_mb": round(clean_mb)},
         "planted": len(planted),

@@ -15,6 +15,15 @@ clones: a problem shaped like PolicyEngine's: a base sample of 20,000 records cl
 --records columns, each clone assigned to one of --targets / 4 areas, targets = area x 4
 bands plus 50 national totals (each record in 2 targets: ~0.04% density at 5,000 targets).
 Needs the `bench` extra (l0-python==0.6.2).
+
+    python benchmarks/bench_policyengine.py replay --lambda-l0 1e-3 --chunks 5 --epochs 100
+
+replays policyengine-us-data's chunked call sequence (fit_l0_weights: --chunks fits of
+--epochs each, no target groups, the log_weight jitter zeroed after the first) on the
+problem of tests/test_policyengine.py (400 base records x 25 clones = 10,000 records, 200
+targets) with l0-python, l0calib (default: a new Adam per fit, as l0-python) and l0calib
+with keep_optimizer=True, for --seeds seeds; reports records kept and mean abs relative
+error.
 """
 
 from __future__ import annotations
@@ -90,20 +99,70 @@ def run(which: str, kind: str, size: int, targets: int, epochs: int, lam: float)
             "mean_abs_rel_error": float(err.mean())}  # fmt: skip
 
 
+def cloned_problem(base: int = 400, clones: int = 25, seed: int = 0) -> tuple:
+    """The problem of tests/test_policyengine.py: clones of a base sample in 50 areas,
+    targets = areas x 4 bands."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    n = base * clones
+    band = np.tile(rng.integers(0, 4, base), clones)
+    area = rng.integers(0, 50, n)
+    value = np.tile(rng.uniform(1, 3, base), clones)
+    m = sp.csr_matrix((value, (area * 4 + band, np.arange(n))), shape=(200, n))
+    y = (m @ rng.uniform(50, 150, n)) * rng.uniform(0.95, 1.05, 200)
+    return m, y, np.full(n, 100.0)
+
+
+def replay(lam: float, chunks: int, epochs: int, seeds: int) -> None:
+    import torch
+    from l0.calibration import SparseCalibrationWeights as Reference
+
+    from l0calib.policyengine import SparseCalibrationWeights
+
+    m, y, w0 = cloned_problem()
+    fit = {"lambda_l0": lam, "lambda_l2": 1e-12, "lr": 0.15, "loss_type": "relative"}
+    print("| method | kept (seed 0, 1, ...) | mean abs rel error | seconds |")
+    print("|---|---|---|---|")
+    for name, make in (
+        ("l0-python", Reference),
+        ("l0calib", SparseCalibrationWeights),
+        ("l0calib keep_optimizer", lambda *a, **k: SparseCalibrationWeights(
+            *a, keep_optimizer=True, **k)),
+    ):  # fmt: skip
+        kept, errors, start = [], [], time.perf_counter()
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            model = make(m.shape[1], init_weights=w0, seed=seed, **SETTINGS)
+            for _ in range(chunks):
+                model.fit(m, y, epochs=epochs, target_groups=None, **fit)
+                model.log_weight_jitter_sd = 0.0
+            w = model.get_weights(deterministic=True).detach().double().numpy()
+            kept.append(f"{int((w > 0).sum()):,}")
+            errors.append(f"{np.abs((m @ w - y) / y).mean():.3f}")
+        print(f"| {name} | {' / '.join(kept)} | {' / '.join(errors)} | "
+              f"{time.perf_counter() - start:.1f} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
         which, kind, size, targets, epochs, lam = sys.argv[2:8]
         print(json.dumps(run(which, kind, int(size), int(targets), int(epochs), float(lam))))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kind", choices=["survey", "clones"])
+    p.add_argument("kind", choices=["survey", "clones", "replay"])
     p.add_argument("--households", type=int, default=100_000)
     p.add_argument("--records", type=int, default=2_000_000)
     p.add_argument("--targets", type=int, default=5_000)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lambda-l0", type=float, default=1e-8)
     p.add_argument("--only", choices=["l0calib", "l0python"])
+    p.add_argument("--chunks", type=int, default=5, help="replay: fits per run")
+    p.add_argument("--seeds", type=int, default=3, help="replay: seeds 0..N-1")
     a = p.parse_args()
+    if a.kind == "replay":
+        replay(a.lambda_l0, a.chunks, a.epochs, a.seeds)
+        return
     size = a.households if a.kind == "survey" else a.records
     rows = []
     for which in ("l0calib", "l0python"):

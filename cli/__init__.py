@@ -29,8 +29,18 @@ def _raise(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:  # fmt: skip
+    """Warnings as one line, ``Warning: <message>``: never the path and source line of the
+    code that warned (a user needs the message, not where it sits in the installation)."""
+    sys.stderr.write(f"Warning: {message}\n")
+
+
 def run() -> None:
     """Console-script entry point."""
+    import warnings
+
+    warnings.showwarning = show_warning
     previous = {s: signal.signal(s, _raise) for s in EXIT_SIGNAL}
     try:
         from l0calib_cli.main import app

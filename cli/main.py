@@ -59,6 +59,7 @@ annotate_check = _lazy_function("l0calib.diagnose", "annotate_check")
 check_records = _lazy_function("l0calib.diagnose", "check_records")
 diagnose_targets = _lazy_function("l0calib.diagnose", "diagnose_targets")
 check_targets = _lazy_function("l0calib.diagnostics", "check_targets")
+is_hdf5 = _lazy_function("l0calib.hdf5", "is_hdf5")
 read_table = _lazy_function("l0calib.io", "read_table")
 OutputPlan = _lazy_function("l0calib.outputs", "OutputPlan")
 output_names = _lazy_function("l0calib.outputs", "output_names")
@@ -416,6 +417,9 @@ def reweight(
         help="Threads per process (torch and BLAS together; at most the cores). Default: 1 "
         "below 2 million records, else every core (shared among --nproc workers).",
     ),
+    period: str | None = typer.Option(
+        None, "--period", help="HDF5 input: the period (e.g. 2024) to read and reweight."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -423,8 +427,32 @@ def reweight(
 
     Writes the kept households with their new weights (the initial weight kept as
     `<weight column>_initial`), the kept households' persons with `--persons`, and a
-    report directory (targets.csv, summary.json, history.csv).
+    report directory (targets.csv, summary.json, history.csv). A PolicyEngine HDF5 dataset
+    (`.h5`) is read whole (persons and every entity from the file, `--period` choosing
+    the period) and written back pruned, in the same layout (`-o small.h5`).
     """
+    if is_hdf5(microdata):
+        if persons is not None or entity or entity_link or nproc > 1 or checkpoint is not None:
+            raise typer.BadParameter(
+                "an HDF5 dataset holds its persons and entities: --persons, --entity, "
+                "--entity-link, --nproc and --checkpoint do not apply"
+            )
+        names = (id_column, weight_column, person_household_column)
+        if names != ("household_id", "household_weight", "person_household_id"):
+            raise typer.BadParameter(
+                "an HDF5 dataset uses PolicyEngine's names (household_id, household_weight, "
+                "person_household_id): --id-column, --weight-column and "
+                "--person-household-column do not apply"
+            )
+        _check_holdout(holdout, holdout_fraction)
+        fit = {"target_records": target_records, "lambda_l0": lambda_l0,
+               "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
+               "device": device, "dtype": dtype, "threads": threads}  # fmt: skip
+        _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
+                       holdout_fraction, force, quiet)  # fmt: skip
+        return
+    if period is not None:
+        raise typer.BadParameter("only for HDF5 input (.h5)", param_hint="--period")
     if resume and checkpoint is None:
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
@@ -493,6 +521,41 @@ def reweight(
                 microdata=microdata, persons=persons, id_column=id_column,
                 weight_column=weight_column, person_household_column=person_household_column,
             )  # fmt: skip
+    _finish(outs, shown, quiet)
+
+
+def _reweight_hdf5(
+    microdata: Path, targets: Path, output: Path | None, report_dir: Path | None,
+    log: Path | None, period: str | None, fit: dict, holdout: str | None,
+    holdout_fraction: float | None, force: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """`reweight` of a PolicyEngine HDF5 dataset: read one period, calibrate the households
+    (person targets through person_household_id), write the pruned file and the report."""
+    from l0calib.hdf5 import read_hdf5, write_hdf5
+
+    out = output if output is not None else Path(f"{microdata.stem}_reweighted.h5")
+    if not is_hdf5(out):
+        raise typer.BadParameter("an HDF5 input is written as HDF5: give a .h5 path",
+                                 param_hint="-o")  # fmt: skip
+    outs = _plan_outputs(microdata, targets, None, out, report_dir, log, force)
+    with user_errors(), outs.plan.transaction() as tx:
+        log_tmp = tx.path("log") if log is not None else None
+        data = read_hdf5(microdata, period=period)
+        em = l0calib.build_estimate_matrix(data.households, targets, data.persons)
+        held = _holdout(em.names, holdout, holdout_fraction, fit["seed"])
+        check_options(em.n_records, **fit)
+        _warn_targets(em, quiet, exclude=held, target_records=fit["target_records"])
+        bar, callback = _fit_progress(quiet, fit["epochs"])
+        with bar if bar is not None else ExitStack(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+            result = l0calib.calibrate(em, holdout=held, callback=callback, log_path=log_tmp,
+                                       **fit)  # fmt: skip
+        write_hdf5(microdata, tx.path("table"), result.weights, period=data.period)
+        extra = {**outs.extra, "period": data.period,
+                 "seconds_total": time.perf_counter() - outs.start}  # fmt: skip
+        tx.write_report(lambda d: write_report_files(result, d, n_targets=em.n_targets,
+                                                     extra=extra))  # fmt: skip
+        shown = _shown(result, em.n_targets, extra)
     _finish(outs, shown, quiet)
 
 

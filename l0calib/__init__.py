@@ -20,6 +20,7 @@ from l0calib.exceptions import (
     ConvergenceWarning,
     DataError,
     L0CalibError,
+    OutputError,
     ParameterError,
     TargetError,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "L0Conv2d",
     "L0Gate",
     "L0Linear",
+    "OutputError",
     "ParameterError",
     "Progress",
     "SampleGate",

@@ -421,9 +421,25 @@ class _Search:
         Targets with the largest support are tried first, so the conflict found tends to be
         the local one (a state's bands) rather than one through national totals. When a
         removal keeps the set infeasible, the set shrinks at once to that LP's certificate
-        support, which is itself infeasible. Returns (rows, finished).
+        support, which is itself infeasible. Before that, whole target groups (the targets
+        file's ``group`` column) are tried out at once, the one with most members here first:
+        one LP can then drop a family the conflict does not need (all the states' age
+        bands, say), and the conflict found is smaller.
+        Returns (rows, finished).
         """
         current = np.asarray(rows)
+        groups = self.prob.em.groups
+        labels = sorted(
+            {groups[r] for r in current if groups[r] is not None},
+            key=lambda g: (-int(np.sum(groups[current] == g)), str(g)),
+        )
+        for label in labels:
+            member = groups[current] == label
+            if member.all() or not member.any() or self.out_of_time():
+                continue
+            bad, supp = self.infeasible(current[~member])
+            if bad:
+                current = np.sort(supp) if supp.size else current[~member]
         essential: set[int] = set()
         while True:
             order = sorted(

@@ -40,6 +40,7 @@ __all__ = ["ColumnSource", "Expression", "ExpressionError", "parse_expression"]
 
 MAX_LENGTH = 10_000
 MAX_DEPTH = 64
+MAX_TERMS = 256  # terms of one chain of binary operators (a + b + ...)
 MEMO_SIZE = 64  # sub-expression results kept per table
 _MEMO_NODES = (ast.Compare, ast.BoolOp)  # boolean results: 1 byte per row
 FUNCTIONS = {"abs": 1, "where": 3, "clip": 3, "isnull": 1}
@@ -391,6 +392,20 @@ def _validate(tree: ast.Expression, text: str, quoted: Mapping[str, str]) -> Non
             continue
         elif isinstance(node, (ast.List, ast.Tuple)):
             raise ExpressionError("a list may only appear after 'in' / 'not in'")
+        if isinstance(node, ast.BinOp) and isinstance(node.left, ast.BinOp):
+            # A flat sum (a + b + c ...) is a chain down the left, not nesting: it counts
+            # once, up to MAX_TERMS terms (the evaluator recurses along it).
+            terms, left = 2, node.left
+            while isinstance(left, ast.BinOp):
+                terms, left = terms + 1, left.left
+            if terms > MAX_TERMS:
+                raise ExpressionError(
+                    f"expression chains more than {MAX_TERMS} terms with operators; split it "
+                    "into several targets or variables"
+                )
+            stack.append((node.left, depth))
+            stack.append((node.right, depth + 1))
+            continue
         stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
@@ -474,7 +489,20 @@ class _Evaluator:
         a, b = self.visit(node.left), self.visit(node.right)
         x, y = a.as_num(f"'{symbol}'"), b.as_num(f"'{symbol}'")
         missing, sources = _merge_missing(a, b)
-        return Value(np.asarray(fn(np.float64(x), y), dtype=np.float64), "num", missing, sources)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out = np.asarray(fn(np.float64(x), y), dtype=np.float64)
+        # 0/0, inf - inf...: no value, from defined inputs. Tracked as missing, so a filter
+        # never turns it into a silent False.
+        undefined = (
+            np.isnan(out)
+            & ~np.isnan(np.asarray(x, dtype=np.float64))
+            & ~np.isnan(np.asarray(y, dtype=np.float64))
+        )
+        if undefined.any():
+            base = missing if missing is not None else np.zeros(out.shape, dtype=bool)
+            missing = base | undefined
+            sources = sources | {f"{_UNDEFINED}{symbol}"}
+        return Value(out, "num", missing, sources)
 
     def visit_BoolOp(self, node: ast.BoolOp) -> Value:
         name = "and" if isinstance(node.op, ast.And) else "or"
@@ -577,6 +605,9 @@ class _Evaluator:
         return out if np.any(out) else None
 
 
+_UNDEFINED = "\x00"  # marks an operation, not a column, among a value's missing sources
+
+
 def missing_message(value: Value) -> str | None:
     """Describe rows whose result depends on a missing input, or ``None`` if there are none."""
     if value.missing is None:
@@ -584,10 +615,19 @@ def missing_message(value: Value) -> str | None:
     count = int(np.count_nonzero(value.missing))
     if count == 0:
         return None
-    cols = ", ".join(f"'{c}'" for c in sorted(value.missing_from))
     rows = "row" if count == 1 else "rows"
+    ops = sorted(c[len(_UNDEFINED) :] for c in value.missing_from if c.startswith(_UNDEFINED))
+    names = sorted(c for c in value.missing_from if not c.startswith(_UNDEFINED))
+    if ops and not names:
+        shown = ", ".join(f"'{o}'" for o in ops)
+        return (
+            f"{shown} has no defined result (such as 0/0) in {count:,} {rows} used by this "
+            "expression (guard it with where())"
+        )
+    cols = ", ".join(f"'{c}'" for c in names)
+    also = " or an operation has no defined result (such as 0/0)" if ops else ""
     return (
-        f"column {cols} has missing values in {count:,} {rows} used by this expression "
+        f"column {cols} has missing values{also} in {count:,} {rows} used by this expression "
         "(handle them with isnull() or where())"
     )
 

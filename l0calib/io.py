@@ -79,7 +79,8 @@ def read_table(
         Read only these columns (every one must exist).
     text_columns : bool, default False
         Read every CSV column as text (no type inference), as the targets reader does so
-        that names such as ``01`` keep their leading zero. Ignored for Parquet.
+        that names such as ``01`` keep their leading zero; only empty cells are missing
+        (``nan`` or ``NA`` stay text). Ignored for Parquet.
     rows : (start, stop), optional
         Read only rows ``start:stop`` (0-based, header excluded): one process's share of a
         large file. Parquet reads only the row groups that overlap; CSV streams through the
@@ -200,10 +201,11 @@ def _read_where(
 
 def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> Any:
     try:
-        dtype: Any = str if text else {c: str for c in _code_columns(p)}
-        return pd.read_csv(
-            p, usecols=columns, encoding="utf-8-sig", low_memory=False, dtype=dtype, **kwargs,
-        )  # fmt: skip
+        if text:  # every cell as written; only an empty one is missing ("nan" is text)
+            kwargs.update(dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            kwargs.update(dtype={c: str for c in _code_columns(p)})
+        return pd.read_csv(p, usecols=columns, encoding="utf-8-sig", low_memory=False, **kwargs)
     except UnicodeDecodeError as exc:
         line = _line_of_byte(p, exc.start)
         raise DataError(
@@ -228,15 +230,70 @@ def _code_columns(p: Path) -> list[str]:
     key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _CODES:
         found: set[str] = set()
-        for chunk in pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                                 chunksize=500_000, low_memory=False):  # fmt: skip
-            for column in chunk.columns:
-                if column not in found and chunk[column].str.match(_LOSSY).any():
-                    found.add(column)
+        batches = _csv_text_batches(p)
+        if batches is not None:
+            names, stream = batches
+            for _, batch in stream:
+                for k, name in enumerate(names):
+                    if name not in found and _has_codes(batch.column(k)):
+                        found.add(name)
         if len(_CODES) > 32:
             _CODES.clear()
         _CODES[key] = sorted(found)
     return _CODES[key]
+
+
+def _has_codes(column: Any) -> bool:
+    """Whether some text of an Arrow string column matches ``_LOSSY`` (a leading zero
+    before a digit, or 16+ digits), by cheap kernels first: a regex over every cell of a
+    numeric column costs more than reading the file."""
+    import pyarrow.compute as pc
+
+    def digit_at(values: Any, i: int) -> bool:
+        return bool(pc.any(pc.utf8_is_digit(pc.utf8_slice_codeunits(values, i, i + 1))).as_py())
+
+    zero = pc.filter(column, pc.starts_with(column, "0"))
+    if len(zero) and digit_at(zero, 1):
+        return True
+    signed = pc.filter(column, pc.or_(pc.starts_with(column, "-0"), pc.starts_with(column, "+0")))
+    if len(signed) and digit_at(signed, 2):
+        return True
+    long = pc.filter(column, pc.greater_equal(pc.binary_length(column), 16))
+    return len(long) > 0 and bool(pc.any(pc.match_substring_regex(long, _LOSSY.pattern)).as_py())
+
+
+def _csv_text_batches(p: Path) -> tuple[list[str], Iterator[tuple[int, Any]]] | None:
+    """The header names and ``(first row, record batch)`` of every cell as text, by
+    pyarrow's streaming reader (fast, little memory); None when it cannot read the file
+    (pandas then reads it, and reports any problem itself)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    try:
+        names = [str(c) for c in pd.read_csv(p, nrows=0, encoding="utf-8-sig").columns]
+        keys = [f"c{i}" for i in range(len(names))]
+        reader = pcsv.open_csv(
+            p,
+            read_options=pcsv.ReadOptions(skip_rows=1, column_names=keys, block_size=1 << 24),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(keys, pa.string()), strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )  # fmt: skip
+    except Exception:
+        return None
+
+    def stream() -> Iterator[tuple[int, Any]]:
+        at = 0
+        try:
+            for batch in reader:
+                yield at, batch
+                at += batch.num_rows
+        except Exception:
+            return
+
+    return names, stream()
 
 
 def _line_of_byte(p: Path, offset: int) -> int:
@@ -396,32 +453,34 @@ def _with_source_text(
     index = frame.index
     if len(frame) == 0 or not index.is_unique or not pd.api.types.is_integer_dtype(index):
         return frame
-    columns = [c for c in frame.columns if c not in computed]
-    wanted = pd.Index(index)
-    parts = []
-    for chunk in pd.read_csv(
-        source, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig",
-        chunksize=500_000, low_memory=False,
-    ):  # fmt: skip
-        keep = chunk.index.intersection(wanted)
-        if len(keep):
-            parts.append(chunk.loc[keep, [c for c in columns if c in chunk.columns]])
-    if not parts:
+    batches = _csv_text_batches(source)
+    if batches is None:
         return frame
-    text = pd.concat(parts)
-    if len(text) != len(frame):
+    import pyarrow as pa
+
+    names, stream = batches
+    wanted = [i for i, c in enumerate(names) if c in frame.columns and c not in computed]
+    positions = np.sort(index.to_numpy())
+    parts = []
+    for at, batch in stream:
+        lo, hi = np.searchsorted(positions, [at, at + batch.num_rows])
+        if hi > lo:
+            parts.append(batch.select(wanted).take(pa.array(positions[lo:hi] - at)))
+    if sum(b.num_rows for b in parts) != len(frame):
         return frame  # rows not from this file: keep the values as they are
+    table = pa.Table.from_batches(parts).rename_columns([names[i] for i in wanted])
+    text = table.to_pandas()
+    text.index = positions
     text = text.loc[index]
     out = frame.copy()
     for column in text.columns:
         if frame[column].dtype == object and not all_text:
             continue  # already text
         values = text[column]
-        if all_text or values.str.match(_LOSSY).any():
-            if all_text:
-                out[column] = values.to_numpy()
-            else:
-                out[column] = values.where(values != "", None).to_numpy()
+        if all_text:
+            out[column] = values.to_numpy()
+        elif values.str.match(_LOSSY).any():
+            out[column] = values.where(values != "", None).to_numpy()
     return out
 
 

@@ -37,6 +37,7 @@ import pandas as pd
 
 from l0calib._version import __version__
 from l0calib.exceptions import OutputError, ParameterError
+from l0calib.hdf5 import is_hdf5
 from l0calib.io import (
     _COMPRESSION,
     os_error,
@@ -223,6 +224,8 @@ class OutputPlan:
     def check(self, report_files: tuple[str, ...] | None = None) -> None:
         """Refuse collisions, existing outputs (without force) and unwritable places."""
         for role, path in self.tables.items():
+            if is_hdf5(path):
+                continue  # written whole by l0calib.hdf5.write_hdf5 into Transaction.path
             try:
                 table_format(path)
             except Exception as exc:
@@ -401,6 +404,9 @@ class Transaction:
     # ------------------------------------------------------------------ commit / rollback
     def _place(self, tmp: Path, dest: Path) -> None:
         backup = None
+        if os.path.lexists(dest) and not self.plan.force:
+            # It appeared while the run was fitting: still not ours to replace.
+            raise OutputError(f"{dest}: already exists (use --force to overwrite)")
         if os.path.lexists(dest):
             backup = partial_path(dest)
             os.replace(dest, backup)
@@ -415,10 +421,10 @@ class Transaction:
     def commit(self) -> None:
         """Move every written file into place, the main table last."""
         plan = self.plan
-        roles = [r for r in self._temps if r != "table"]
-        if "table" in self._temps:
-            roles.append("table")
-        report_first = [r for r in roles if r != "table"]
+        # Persons, entity tables, log; then the report; the main table last.
+        rank = {"persons": 0, "log": 2}
+        report_first = sorted((r for r in self._temps if r != "table"),
+                              key=lambda r: (rank.get(r, 1), r))  # fmt: skip
         try:
             for role in report_first:
                 self._place(self._temps[role], plan.files()[role])

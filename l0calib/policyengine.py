@@ -4,24 +4,29 @@ Switching a policyengine-us-data pipeline is one import::
 
     from l0calib.policyengine import SparseCalibrationWeights   # was: from l0.calibration
 
-The constructor, ``fit``, ``predict``, the getters and the state dict keep the names,
-defaults and return shapes of ``l0-python`` 0.6.2, and by default the same model and loss:
+The constructor, ``fit``, ``forward``/``predict``, the getters, the parameters and the state
+dict keep the names, defaults, shapes and behaviour of ``l0-python`` 0.6.2, with the same
+model and loss:
 
 - weights ``w_i = exp(log_weight_i) * z_i`` with a Hard Concrete gate ``z_i`` (temperature
-  ``beta``, stretch ``gamma``/``zeta``); deterministic gates as the reference computes them,
+  ``beta``, stretch interval ``(gamma, zeta)``), ``log_alpha`` clamped to
+  ``[-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND]`` wherever it is used; deterministic gates
   ``clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)``;
 - ``loss_type="relative"``: ``sum_k g_k ((y_k - yhat_k) / (y_k + 1))^2`` (note the ``+ 1``:
   the reference divides by ``y + 1``, not by ``|y|``); ``"mse"``: ``sum_k g_k (y_k -
   yhat_k)^2``; ``g_k`` = 1 / (size of k's group) with ``normalize_groups`` (times
   ``group_multipliers``), else 1;
-- ``+ lambda_l0 * sum_i P(z_i != 0) + lambda_l2 * sum_i exp(log_weight_i)^2``.
+- ``+ lambda_l0 * sum_i P(z_i != 0) + lambda_l2 * sum_i exp(log_weight_i)^2``;
+- every ``fit()`` starts a new Adam optimizer, so a pipeline that fits in chunks keeps
+  about as many records at a given ``lambda_l0`` as it did with ``l0-python``
+  (``keep_optimizer=True`` continues the optimizer across calls instead);
+- ``state_dict()`` holds ``log_weight`` and ``log_alpha``, so checkpoints load in either
+  package.
 
 The training itself is l0calib's engine (:mod:`l0calib.calibrate`, no second optimiser):
 sparse CSR kernels with a precomputed transpose, seeded counter-based gate noise. What is
 better than the reference:
 
-- ``fit()`` called again continues the same optimisation: the Adam state is kept and is
-  part of ``state_dict()``, so N chunks of E epochs equal one fit of N * E epochs.
 - No stale matrix cache: every call uses the matrix it is given.
 - ``fit(..., target_records=K)``: exactly K non-zero weights, chosen by the engine's
   survivor schedule (no ``lambda_l0`` to tune) and refitted; ``holdout=``,
@@ -30,7 +35,7 @@ better than the reference:
   progress bar on a terminal, not bare prints.
 
 :func:`prune_entities` drops the rows of every entity table that belong to a dropped
-household.
+household; :mod:`l0calib.hdf5` reads and writes PolicyEngine's HDF5 datasets.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -66,6 +72,7 @@ from l0calib.calibrate import (
 from l0calib.exceptions import DataError, ParameterError
 from l0calib.hardconcrete import HardConcrete
 from l0calib.noise import counter_uniform
+from l0calib.sparse import SparseOperator
 from l0calib.targets import EstimateMatrix
 
 __all__ = ["SparseCalibrationWeights", "prune_entities"]
@@ -74,6 +81,8 @@ log = logging.getLogger("l0calib.policyengine")
 
 # counter_uniform streams of this class (distinct from the gates' own draw counter).
 _ALPHA_JITTER, _WEIGHT_JITTER = 1 << 40, 1 << 41
+# Version of the ``_extra_state`` entry a checkpoint carries (see ``state_dict``).
+_EXTRA_FORMAT = 1
 
 
 def _normal(seed: int, stream: int, n: int) -> torch.Tensor:
@@ -95,6 +104,39 @@ def _per_record(name: str, value: Any, n: int, default: float) -> np.ndarray:
     return arr
 
 
+def _check_interval(gamma: Any, zeta: Any) -> tuple[float, float]:
+    gamma, zeta = float(gamma), float(zeta)
+    if not (math.isfinite(gamma) and math.isfinite(zeta)):
+        raise ParameterError(f"gamma and zeta must be finite, got gamma={gamma}, zeta={zeta}")
+    if gamma > 0 or zeta <= 0:
+        # P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)) needs gamma <= 0 < zeta;
+        # l0-python accepts other values and its L0 penalty is then NaN.
+        raise ParameterError(
+            f"the stretch interval needs gamma <= 0 < zeta (gates that can be exactly 0), "
+            f"got gamma={gamma}, zeta={zeta}"
+        )
+    return gamma, zeta
+
+
+class _ReferenceGates(HardConcrete):
+    """l0calib's Hard Concrete gate as ``l0-python`` uses it: any stretch interval
+    ``gamma <= 0 < zeta`` (not only ``zeta = 1 - gamma``), and ``log_alpha`` clamped to
+    ``[-bound, bound]`` wherever it is read (so it gets no gradient beyond)."""
+
+    bound = 20.0
+
+    def set_interval(self, gamma: float, zeta: float) -> None:
+        gamma, zeta = _check_interval(gamma, zeta)
+        self.gamma, self.zeta = gamma, zeta
+        self._gamma = torch.tensor(gamma, dtype=torch.float64)
+        # ``stretch`` only tells HardConcrete whether a gate can be exactly 0 (it is 0 when
+        # gamma is); the arithmetic reads gamma and zeta.
+        self.stretch = -gamma
+
+    def _work(self) -> torch.Tensor:
+        return super()._work().clamp(-self.bound, self.bound)
+
+
 class SparseCalibrationWeights(nn.Module):
     """Sparse calibration weights with L0 gates: ``l0-python``'s class, on l0calib's engine.
 
@@ -103,9 +145,9 @@ class SparseCalibrationWeights(nn.Module):
     n_features : int
         Number of records (columns of the targets x records matrix).
     beta : float, default 2/3
-        Hard Concrete temperature.
+        Hard Concrete temperature (> 0).
     gamma, zeta : float, default -0.1 and 1.1
-        Stretch interval; l0calib supports the symmetric family ``zeta = 1 - gamma``.
+        Stretch interval, ``gamma <= 0 < zeta``.
     init_keep_prob : float or array of shape (n_features,), default 0.5
         Initial ``sigmoid(log_alpha)``.
     init_weights : float or array of shape (n_features,), optional
@@ -120,7 +162,31 @@ class SparseCalibrationWeights(nn.Module):
     seed : int, optional
         Seeds the gate noise and the jitters. Without it a seed is drawn from torch's global
         generator (so ``torch.manual_seed`` still makes runs repeatable).
+    keep_optimizer : bool, default False
+        False (as ``l0-python``): every ``fit()`` starts a new Adam optimizer. True: the
+        Adam state carries over from one ``fit()`` to the next (and into ``state_dict()``),
+        so N chunks of E epochs equal one fit of N * E epochs. Mutable attribute.
+
+    Attributes
+    ----------
+    log_weight, log_alpha : nn.Parameter of shape (n_features,)
+        The parameters, as the reference names them (``model.parameters()`` yields both).
+    beta, gamma, zeta : float
+        Read at every use, as in the reference: assigning them changes the gates.
+    result_ : CalibrationResult or None
+        The report of the last ``fit``.
+
+    Example
+    -------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> M = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    >>> model = SparseCalibrationWeights(3, init_weights=1.0, seed=0)
+    >>> model = model.fit(M, np.array([4.0, 4.0]), lambda_l0=0.0, lr=0.1, epochs=50)
+    >>> model.predict(M).shape, sorted(model.state_dict())
+    (torch.Size([2]), ['log_alpha', 'log_weight'])
     """
+
+    LOG_ALPHA_BOUND: float = 20.0
 
     def __init__(
         self,
@@ -135,77 +201,172 @@ class SparseCalibrationWeights(nn.Module):
         device: str = "cpu",
         use_gates: bool = True,
         seed: int | None = None,
+        *,
+        keep_optimizer: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(n_features, bool) or not isinstance(n_features, (int, np.integer)):
             raise ParameterError(f"n_features must be a positive integer, got {n_features!r}")
         if n_features < 1:
             raise ParameterError(f"n_features must be a positive integer, got {n_features!r}")
-        if not math.isclose(zeta, 1 - gamma, rel_tol=1e-9) or gamma >= 0:
-            raise ParameterError(
-                f"l0calib supports gamma = -s, zeta = 1 + s (s >= 0); got gamma={gamma}, "
-                f"zeta={zeta}"
-            )
+        gamma, zeta = _check_interval(gamma, zeta)
         self.n_features = int(n_features)
-        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
         self.log_weight_jitter_sd = float(log_weight_jitter_sd)
         self.log_alpha_jitter_sd = float(log_alpha_jitter_sd)
         self.device = _resolve_device(device)
         self.use_gates = bool(use_gates)
+        self.keep_optimizer = bool(keep_optimizer)
         self.seed = seed
-        noise_seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
-        self.register_buffer("noise_seed", torch.tensor(noise_seed, dtype=torch.int64))
-        self.register_buffer("fit_calls", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.int64))
+        self.noise_seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
+        self.fit_calls = 0
+        self.epochs_done = 0
         n = self.n_features
         w = _per_record("init_weights", init_weights, n, 1.0)
         self.init_weights = w
-        self.log_weight = nn.Parameter(
-            torch.log(torch.tensor(w, dtype=torch.float32) + 1e-8).to(self.device)
-        )
         keep = np.clip(_per_record("init_keep_prob", init_keep_prob, n, 0.5), 1e-6, 1 - 1e-6)
         mu = torch.tensor(np.log(keep / (1 - keep)), dtype=torch.float32)
         if self.log_alpha_jitter_sd > 0:
-            mu = mu + self.log_alpha_jitter_sd * _normal(noise_seed, _ALPHA_JITTER, n).float()
-        self.gates = HardConcrete(
-            n, temperature=self.beta, stretch=-self.gamma, test_gate="median",
-            seed=noise_seed, device=self.device,
+            mu = mu + self.log_alpha_jitter_sd * _normal(self.noise_seed, _ALPHA_JITTER, n).float()
+        gates = _ReferenceGates(
+            n, temperature=beta, test_gate="median", seed=self.noise_seed, device=self.device,
         )  # fmt: skip
+        gates.set_interval(gamma, zeta)
         with torch.no_grad():
-            self.gates.log_alpha.copy_(mu.to(self.device))
+            gates.log_alpha.copy_(mu.to(self.device))
+        # Not a submodule: the state dict holds log_weight and log_alpha only, as the
+        # reference's; the gates' log_alpha is this module's log_alpha (one Parameter).
+        object.__setattr__(self, "_gates", gates)
         self._fit: _Fit | None = None
         self._pending_opt_state: dict | None = None
-        self.result_: CalibrationResult | None = None
+        self._operator: tuple[tuple, SparseOperator] | None = None
         self._final: torch.Tensor | None = None  # refitted weights after target_records
+        self._final_key: tuple | None = None
+        self.result_: CalibrationResult | None = None
+        self.log_weight = nn.Parameter(
+            torch.log(torch.tensor(w, dtype=torch.float32) + 1e-8).to(self.device)
+        )
+        self.log_alpha = gates.log_alpha
+
+    # ------------------------------------------------------------------ parameters
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("log_weight", "log_alpha") and isinstance(value, nn.Parameter):
+            if tuple(value.shape) != (self.n_features,) or not value.is_floating_point():
+                raise ParameterError(
+                    f"{name} must be a floating Parameter of shape ({self.n_features},), got "
+                    f"{value.dtype} of shape {tuple(value.shape)}"
+                )
+            super().__setattr__(name, value)
+            if name == "log_alpha":
+                self._gates._parameters["log_alpha"] = value
+            # The optimizer and any refitted weights belong to the replaced Parameter.
+            self._fit, self._pending_opt_state = None, None
+            self._final = None
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def gates(self) -> HardConcrete:
+        """The Hard Concrete gates (their ``log_alpha`` is this model's ``log_alpha``)."""
+        return self._gates
+
+    @property
+    def beta(self) -> float:
+        """Hard Concrete temperature; assigning it changes the gates from then on."""
+        return self._gates.temperature
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._gates.temperature = float(value)  # ParameterError unless finite and > 0
+
+    @property
+    def gamma(self) -> float:
+        """Lower end of the stretch interval (<= 0); assignable, as in the reference."""
+        return self._gates.gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gates.set_interval(value, self._gates.zeta)
+
+    @property
+    def zeta(self) -> float:
+        """Upper end of the stretch interval (> 0); assignable, as in the reference."""
+        return self._gates.zeta
+
+    @zeta.setter
+    def zeta(self, value: float) -> None:
+        self._gates.set_interval(self._gates.gamma, value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to() / .cuda() / .double(): the gates are not a submodule, so move their draw
+        # counter here and point them at this module's (possibly new) log_alpha.
+        out = super()._apply(fn, recurse)
+        gates = self._gates
+        gates._parameters["log_alpha"] = self._parameters["log_alpha"]
+        gates._buffers["draws"] = fn(gates._buffers["draws"])
+        self.device = self.log_weight.device
+        self._fit, self._operator = None, None
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Deep copies and pickles leave the training state's sparse tensors and threads
+        # behind; a kept optimizer travels as its state dict.
+        state = dict(self.__dict__)
+        if self._fit is not None and self.keep_optimizer:
+            state["_pending_opt_state"] = self._fit.opt.state_dict()
+        state["_fit"], state["_operator"] = None, None
+        return state
 
     # ------------------------------------------------------------------ reference getters
-    @property
-    def log_alpha(self) -> nn.Parameter:
-        """The gate logits (``self.gates.log_alpha``), as the reference names them."""
-        return self.gates.log_alpha
+    def _refitted(self) -> torch.Tensor | None:
+        """The weights refitted by ``fit(target_records=K)``, while the parameters are
+        those they were refitted from (any change to them, a training step included,
+        drops them)."""
+        if self._final is not None and self._final_key != self._param_key():
+            self._final = None
+        return self._final
+
+    def _param_key(self) -> tuple:
+        a, w = self.log_alpha, self.log_weight
+        return (id(a), a._version, id(w), w._version)
+
+    def _sample_gates(self) -> torch.Tensor:
+        """A differentiable sample of the gates (advances the gate noise by one draw)."""
+        return self._gates.rsample()
 
     def get_deterministic_gates(self) -> torch.Tensor:
         """``clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)``."""
-        return self.gates.test_gates("median")
+        return self._gates.test_gates("median")
 
     def get_weights(self, deterministic: bool = False) -> torch.Tensor:
-        """Weights, shape (n_features,): ``exp(log_weight) * gates``.
+        """Weights, shape (n_features,): ``exp(log_weight) * gates``, differentiable.
 
         After ``fit(target_records=K)`` the deterministic weights are the refitted ones
-        (exactly K non-zero) until the next ``fit``.
+        (exactly K non-zero, no gradient) until the parameters change.
         """
-        if deterministic and self._final is not None:
-            return self._final.clone()
+        final = self._refitted() if deterministic else None
+        if final is not None:
+            return final.clone()
         w = torch.exp(self.log_weight)
         if not self.use_gates:
             return w
-        return w * (self.get_deterministic_gates() if deterministic else self.gates.rsample())
+        return w * (self.get_deterministic_gates() if deterministic else self._sample_gates())
+
+    def _operator_for(self, M: Any, dtype: torch.dtype, device: torch.device) -> SparseOperator:
+        """A differentiable product with ``M``, cached by ``M``'s content (a checksum of
+        its arrays), never by its shape alone."""
+        m = _csr(M, self.n_features)
+        key = (m.shape, m.nnz, dtype, device,
+               *(zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+                 for a in (m.indptr, m.indices, m.data)))  # fmt: skip
+        if self._operator is None or self._operator[0] != key:
+            self._operator = (key, SparseOperator(m, dtype, device))
+        return self._operator[1]
 
     def forward(self, M: sp.spmatrix, deterministic: bool = False) -> torch.Tensor:
-        """``M @ weights``, shape (n_targets,)."""
-        m = _csr(M, self.n_features)
-        w = self.get_weights(deterministic).detach().double().cpu().numpy()
-        return torch.tensor(m @ w, dtype=torch.float32)
+        """``M @ get_weights(deterministic)``, shape (n_targets,), differentiable in
+        ``log_weight`` and ``log_alpha`` (a custom training loop can train through it)."""
+        w = self.get_weights(deterministic)
+        return self._operator_for(M, w.dtype, w.device) @ w
 
     def predict(self, M: sp.spmatrix) -> torch.Tensor:
         """Estimates ``M @ get_weights(deterministic=True)`` for this matrix (never cached)."""
@@ -214,7 +375,7 @@ class SparseCalibrationWeights(nn.Module):
 
     def get_l0_penalty(self) -> torch.Tensor:
         """Expected number of non-zero gates, ``sum P(z != 0)``."""
-        return self.gates.get_active_prob().sum()
+        return self._gates.get_active_prob().sum()
 
     def get_l2_penalty(self) -> torch.Tensor:
         """``sum exp(log_weight)^2`` (the reference's L2)."""
@@ -233,34 +394,81 @@ class SparseCalibrationWeights(nn.Module):
             return {"indices": torch.where(mask)[0], "values": w[mask], "count": int(mask.sum())}
 
     # ------------------------------------------------------------------ state
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Parameters, gate-noise counters and the optimizer state (plain tensors and
-        numbers: loadable with ``torch.load(..., weights_only=True)``)."""
-        state = dict(super().state_dict(*args, **kwargs))
-        opt = self._fit.opt.state_dict() if self._fit is not None else self._pending_opt_state
+    def _extra_state(self) -> dict[str, Any] | None:
+        """What a checkpoint needs beyond ``log_weight`` and ``log_alpha``, or None when
+        nothing: a kept optimizer, refitted weights."""
+        opt = None
+        if self.keep_optimizer:
+            opt = self._fit.opt.state_dict() if self._fit is not None else self._pending_opt_state
+        final = self._refitted()
+        if opt is None and final is None:
+            return None
+        extra: dict[str, Any] = {
+            "format": _EXTRA_FORMAT,
+            "noise_seed": self.noise_seed,
+            "draws": self._gates._draw_count(),
+            "fit_calls": self.fit_calls,
+            "epochs_done": self.epochs_done,
+        }
         if opt is not None:
-            state["optimizer"] = opt
-        if self._final is not None:
-            state["final_weights"] = self._final.clone()
-        return state
+            extra["optimizer"] = opt
+        if final is not None:
+            extra["final_weights"] = final.detach().clone()
+        return extra
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
-        """Restore :meth:`state_dict`; also reads a reference checkpoint (``log_weight``,
-        ``log_alpha`` keys)."""
-        state = dict(state_dict)
-        opt = state.pop("optimizer", None)
-        final = state.pop("final_weights", None)
-        if "log_alpha" in state and "gates.log_alpha" not in state:
-            state["gates.log_alpha"] = state.pop("log_alpha")
-            for key in ("gates.draws", "noise_seed", "fit_calls", "epochs_done"):
-                state.setdefault(key, self.state_dict()[key])
-        out = super().load_state_dict(state, strict=strict)
-        self._final = final
-        self._pending_opt_state = opt
-        if self._fit is not None and opt is not None:
-            self._fit.opt.load_state_dict(opt)
-            self._pending_opt_state = None
-        return out
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        extra = self._extra_state()
+        if extra is not None:
+            destination[prefix + "_extra_state"] = extra
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list, unexpected_keys: list, error_msgs: list,
+    ) -> None:  # fmt: skip
+        extra = state_dict.pop(prefix + "_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        self._fit, self._pending_opt_state, self._final = None, None, None
+        if extra is None:
+            # A reference checkpoint, parameters only: the gate noise continues on a stream
+            # keyed by the seed and the loaded parameters, so a resumed fit neither replays
+            # the draws already used nor depends on anything but its inputs.
+            crc = 0
+            for p in (self.log_weight, self.log_alpha):
+                data = p.detach().cpu().contiguous().numpy()
+                crc = zlib.crc32(memoryview(data).cast("B"), crc)
+            self.noise_seed = (self.noise_seed * 1_000_003 + crc) % 2**62
+            self._gates.seed = self.noise_seed
+            self._gates._buffers["draws"] = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._gates._draw_seen = None
+            return
+        if not isinstance(extra, Mapping) or extra.get("format") != _EXTRA_FORMAT:
+            error_msgs.append(f"{prefix}_extra_state: not an l0calib checkpoint entry")
+            return
+        self.noise_seed = int(extra["noise_seed"])
+        self._gates.seed = self.noise_seed
+        self._gates._buffers["draws"] = torch.tensor(int(extra["draws"]), device=self.device)
+        self._gates._draw_seen = None
+        self.fit_calls, self.epochs_done = int(extra["fit_calls"]), int(extra["epochs_done"])
+        self._pending_opt_state = extra.get("optimizer")
+        final = extra.get("final_weights")
+        if final is not None:
+            self._final = final.to(self.device)
+            self._final_key = self._param_key()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """``log_weight`` and ``log_alpha``, as the reference's (a checkpoint either package
+        loads), plus ``_extra_state`` only when the model holds what those cannot: the
+        optimizer with ``keep_optimizer=True``, the refitted weights after
+        ``fit(target_records=K)``. Plain tensors and numbers: loadable with
+        ``torch.load(..., weights_only=True)``."""
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:  # fmt: skip
+        """Restore :meth:`state_dict`, or a checkpoint written by ``l0-python``."""
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ fitting
     def _problem(
@@ -317,6 +525,31 @@ class SparseCalibrationWeights(nn.Module):
             scale_floor=1.0,
         )  # fmt: skip
 
+    def _trainer(self, pb: _Problem, lambda_l0: float, lambda_l2: float, lr: float) -> _Fit:
+        """The engine's training state for this call: a new one (a new Adam optimizer, as
+        the reference makes at every ``fit``), or with ``keep_optimizer`` the previous one
+        (or one restored from a checkpoint) continued on this call's problem."""
+        gates = self._gates if self.use_gates else None
+        fit = self._fit if self.keep_optimizer else None
+        if fit is not None and (fit.u is not self.log_weight or fit.gates is not gates):
+            fit = None  # use_gates changed since: a new optimizer over the right parameters
+        if fit is None:
+            fit = _Fit(
+                pb, gated=self.use_gates, lambda_l0=lambda_l0, lambda_l2=lambda_l2, lr=lr,
+                temperature=self.beta, init_keep=0.5, seed=0, device=self.device,
+                dtype=self.log_weight.dtype, u=self.log_weight, gates=gates,
+                inflate=False, l0_per_record=False, l2_kind="square",
+            )  # fmt: skip
+            if self.keep_optimizer and self._pending_opt_state is not None:
+                fit.opt.load_state_dict(self._pending_opt_state)
+            self._pending_opt_state = None
+        else:
+            fit.set_problem(pb)
+        fit.lambda_l2 = float(lambda_l2)
+        for group in fit.opt.param_groups:
+            group["lr"] = float(lr)
+        return fit
+
     def fit(
         self,
         M: sp.spmatrix,
@@ -339,9 +572,11 @@ class SparseCalibrationWeights(nn.Module):
         log_every: int = 10,
         refit_l2: float | None = None,
     ) -> SparseCalibrationWeights:
-        """Fit (or continue fitting) the weights so that ``M @ w`` matches ``y``.
+        """Fit the weights so that ``M @ w`` matches ``y``, from the current parameters.
 
-        The reference's arguments keep their meaning. New, keyword-only:
+        The reference's arguments keep their meaning. As there, each call starts a new
+        Adam optimizer (``keep_optimizer=True`` on the model continues the previous one),
+        and ``epochs=0`` only applies the ``log_weight`` jitter. New, keyword-only:
 
         target_records : int, optional
             Keep exactly this many records: during this call the expected number of open
@@ -370,42 +605,28 @@ class SparseCalibrationWeights(nn.Module):
             raise ParameterError(
                 f"target_records must be between 1 and {n:,}, got {target_records!r}"
             )
-        if int(epochs) < 1:
-            raise ParameterError(f"epochs must be a positive integer, got {epochs!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+            raise ParameterError(f"epochs must be an integer >= 0, got {epochs!r}")
         if self.log_weight_jitter_sd > 0:
-            stream = _WEIGHT_JITTER + 2 * int(self.fit_calls)
-            noise = _normal(int(self.noise_seed), stream, n).to(self.log_weight)
+            stream = _WEIGHT_JITTER + 2 * self.fit_calls
+            noise = _normal(self.noise_seed, stream, n).to(self.log_weight)
             with torch.no_grad():
                 self.log_weight.add_(noise * self.log_weight_jitter_sd)
         self.fit_calls += 1
         self._final = None
-        if self._fit is None:
-            self._fit = _Fit(
-                pb, gated=self.use_gates, lambda_l0=lambda_l0, lambda_l2=lambda_l2, lr=lr,
-                temperature=self.beta, init_keep=0.5, seed=0, device=self.device,
-                dtype=torch.float32, u=self.log_weight,
-                gates=self.gates if self.use_gates else None,
-                inflate=False, l0_per_record=False, l2_kind="square",
-            )  # fmt: skip
-            if self._pending_opt_state is not None:
-                self._fit.opt.load_state_dict(self._pending_opt_state)
-                self._pending_opt_state = None
-        else:
-            self._fit.set_problem(pb)
-        fit = self._fit
+        self._operator = None  # the engine holds its own copy of M while it trains
+        fit = self._trainer(pb, lambda_l0, lambda_l2, lr)
         fit.lambda_l0 = 0.0 if target_records is not None else float(lambda_l0)
-        fit.lambda_l2 = float(lambda_l2)
-        for group in fit.opt.param_groups:
-            group["lr"] = float(lr)
         steered = target_records if (target_records is not None and self.use_gates) else None
-        bar = _progress(verbose, epochs)
+        bar = _progress(verbose, int(epochs))
         user_callback = callback
+        epoch0 = self.epochs_done
 
         def report(p: Progress) -> bool | None:
             if bar is not None:
-                bar[0].update(bar[1], completed=p.epoch - int(self.epochs_done),
+                bar[0].update(bar[1], completed=p.epoch - epoch0,
                               status=f"mean err {p.mean_abs_rel_error:.3%}")  # fmt: skip
-            if verbose and (p.epoch - int(self.epochs_done)) % verbose_freq == 0:
+            if verbose and (p.epoch - epoch0) % verbose_freq == 0:
                 log.info(
                     "epoch %d: loss %.4g, mean rel error %.4f%%, max %.2f%%, active %d/%d",
                     p.epoch, p.loss, 100 * p.mean_abs_rel_error, 100 * p.max_abs_rel_error,
@@ -416,26 +637,28 @@ class SparseCalibrationWeights(nn.Module):
         with bar[0] if bar is not None else nullcontext(), _CsvLog(log_path) as csv_log:
             loop = _train(
                 fit, pb, epochs=int(epochs), k_goal=steered, patience=10**9,
-                callback=report, log=csv_log, log_every=log_every,
-                epoch0=int(self.epochs_done),
+                callback=report, log=csv_log, log_every=log_every, epoch0=epoch0,
             )  # fmt: skip
-        self.epochs_done.fill_(loop.epoch)
+        self.epochs_done = loop.epoch
         if target_records is not None:
             weights, _, info, scores = _select_and_refit(
                 fit, pb, target_records, float(target_records), fixed=None, refit=True,
                 refit_l2=refit_l2, refit_anchor="trained", refit_max_iter=2000,
             )  # fmt: skip
-            self._final = torch.tensor(weights, dtype=torch.float32, device=self.device)
+            self._final = torch.tensor(weights, dtype=self.log_weight.dtype, device=self.device)
+            self._final_key = self._param_key()
         else:
             weights = self.get_weights(deterministic=True).detach().double().cpu().numpy()
             info, scores = {"refit_converged": True}, fit.keep_scores()
+        # Only a kept optimizer is worth its memory (the engine holds a copy of M).
+        self._fit = fit if self.keep_optimizer else None
         self.result_ = _result(
             # Diagnostics against the initial weights (training ran with w0 = 1).
             dataclasses.replace(pb, w0=self.init_weights),
             weights, tol=None, converged=bool(info["refit_converged"]),
             not_converged_reason="the refit did not converge",
             history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-            n_iter=loop.epoch, start=start, seed=int(self.noise_seed),
+            n_iter=loop.epoch, start=start, seed=self.noise_seed,
             method="l0-policyengine", info=info, keep_probability=scores,
         )  # fmt: skip
         return self

@@ -253,6 +253,12 @@ CASES = [
     Case("targets-negative-count", T2, 1,
          ("t2.csv row 1 ('a'): column 'value': a count target (no 'variable') cannot be "
           "negative",), _text("t2.csv", "name,value,filter\na,-5,state == 'CA'\n")),
+    Case("targets-nan-value", T2, 1,
+         ("t2.csv row 1 ('a'): column 'value' must be finite, got 'nan'",),
+         _text("t2.csv", "name,value,filter\na,nan,state == 'CA'\n")),
+    Case("targets-zero-by-zero", T2, 1,
+         ("t2.csv row 1 ('a'): column 'filter': '/' has no defined result (such as 0/0) in "
+          "2 rows",), _text("t2.csv", "name,value,filter\na,5,income / income > 0\nb,3,\n")),
     Case("targets-empty-value", T2, 1, ("t2.csv row 1 ('a'): column 'value' is empty",),
          _text("t2.csv", "name,value,filter\na,,state == 'CA'\n")),
     Case("targets-long-name", T2, 1,

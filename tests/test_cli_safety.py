@@ -392,3 +392,22 @@ def test_r_apistrat_comes_back_as_it_went_in(
     pd.testing.assert_frame_equal(back.drop(columns=["pw", "pw_initial"]),
                                   given.drop(columns=["pw"]))  # fmt: skip
     assert (back["pw_initial"].astype(float) == given["pw"].astype(float)).all()
+
+
+def test_warnings_print_one_line_without_source_paths(tmp_path: Path) -> None:
+    """A library warning during a command: its message, not the warning code's path."""
+    code = (
+        "import sys, warnings, l0calib\n"
+        "original = l0calib.HardConcrete.__init__\n"
+        "def init(self, *a, **k):\n"
+        "    warnings.warn('the weights are tiny', UserWarning)\n"
+        "    original(self, *a, **k)\n"
+        "l0calib.HardConcrete.__init__ = init\n"
+        "sys.argv = ['l0calib', 'gate', '--n', '10', '--draws', '1']\n"
+        "from l0calib_cli import run\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "Warning: the weights are tiny\n"

@@ -316,3 +316,21 @@ def test_all_conflicts_of_a_small_problem_contain_a_moved_target() -> None:
             assert not _lp_feasible(a[idx], t[idx], tol[idx])
             for sub in itertools.combinations(idx, len(idx) - 1):
                 assert _lp_feasible(a[list(sub)], t[list(sub)], tol[list(sub)])
+
+
+def test_pruning_risk_with_bounds_flags_overshoot() -> None:
+    # "sub" asks for a quarter of what its 200 records give; at ratio >= 0.5 on the
+    # inflated weight, more than 10 kept supporting records overshoot it (20 expected).
+    n, k = 1000, 100
+    a = np.zeros((2, n))
+    a[0] = 1.0
+    a[1, :200] = 1.0
+    em = EstimateMatrix.from_arrays(a, [1000.0, 50.0], names=["all", "sub"], weights=np.ones(n))
+    d = diagnose_targets(em, target_records=k, bounds=(0.5, 2.0))
+    risk = {r.name: r for r in d.pruning_risks}["sub"]
+    assert risk.allowed == pytest.approx(10.0)  # 50 * 100 * 200 / (0.5 * 1000 * 200)
+    from scipy.stats import hypergeom
+
+    assert risk.p_over == pytest.approx(hypergeom.sf(10, n, 200, k))
+    assert "overshoot it at the lower ratio bound" in risk.reason
+    assert "all" not in {r.name for r in d.pruning_risks}

@@ -130,12 +130,21 @@ def test_huge_powers_overflow_to_inf_instead_of_hanging() -> None:
         ("None", "None is not allowed"),
         ("b'x' == state", "literal b'x' is not allowed"),
         ("-" * 200 + "1", "nested more than 64 levels deep"),
+        ("1 + (" * 70 + "1" + ")" * 70, "nested more than 64 levels deep"),
+        (" + ".join(["income"] * 257), "chains more than 256 terms with operators"),
         ("x" * 10_001, "longer than 10000 characters"),
     ],
 )
 def test_refuses_with_a_clear_message(text: str, message: str) -> None:
     with pytest.raises(TargetError, match=_escape(message)):
         parse_expression(text).evaluate(SOURCE)
+
+
+def test_a_flat_sum_of_many_columns_is_not_nesting() -> None:
+    """a + b + ... parses as a chain down the left; 256 terms are accepted."""
+    value = parse_expression(" + ".join(["income"] * 256)).evaluate(SOURCE)
+    expected = 256 * SOURCE.frame["income"].to_numpy(dtype=float)
+    np.testing.assert_array_equal(value.data, expected)
 
 
 def _escape(message: str) -> str:

@@ -176,3 +176,13 @@ def test_read_only_directory(tmp_path: Path) -> None:
             OutputPlan({"table": ro / "o.csv"})
     finally:
         ro.chmod(0o755)
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path: Path) -> None:
+    out, persons = tmp_path / "o.csv", tmp_path / "o_persons.csv"
+    plan = OutputPlan({"table": out, "persons": persons})
+    with pytest.raises(OutputError, match=r"o\.csv: already exists"), plan.transaction() as tx:  # noqa: PT012
+        tx.write_table("persons", FRAME)
+        tx.write_table("table", FRAME)
+        out.write_text("written by someone else meanwhile\n")
+    assert _files(tmp_path) == {"o.csv": b"written by someone else meanwhile\n"}

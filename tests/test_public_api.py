@@ -20,6 +20,7 @@ EXPECTED = {
     "L0Gate",
     "L0Linear",
     "L0CalibError",
+    "OutputError",
     "ParameterError",
     "Progress",
     "SampleGate",
@@ -66,6 +67,7 @@ def test_error_tree() -> None:
         assert issubclass(cls, exceptions.L0CalibError)
         assert issubclass(cls, ValueError)
     assert issubclass(exceptions.CalibrationError, exceptions.L0CalibError)
+    assert issubclass(exceptions.OutputError, exceptions.L0CalibError)
     assert issubclass(exceptions.ConvergenceWarning, UserWarning)
     documented = exceptions.__doc__ or ""
     for name in exceptions.__all__:
