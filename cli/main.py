@@ -1,7 +1,7 @@
 """The ``l0calib`` Typer application: parse options, call the library, render results.
 
 Exit codes: 0 success; 1 bad input or data error; 2 usage error; 3 the fit finished but
-missed the requested tolerance.
+missed the requested tolerance or left fitted targets missed by far.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ run_sharded = _lazy_function("l0calib.sharded", "run_sharded")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
-    "3 the fit finished but missed the requested tolerance."
+    "3 the fit finished but missed the requested tolerance or left targets missed by far."
 )
 EXIT_TOLERANCE = 3
 
@@ -340,8 +340,9 @@ def _final_table(shown: dict) -> Table:
     return table
 
 
-def _finish(outs: _Outputs, shown: dict | None, quiet: bool) -> None:
-    """The summary table, the files written, and exit code 3 for a missed tolerance."""
+def _finish(outs: _Outputs, shown: dict | None, quiet: bool, tol: float | None = None) -> None:
+    """The summary table, the files written, and exit code 3 for a missed tolerance or
+    missed targets."""
     if not quiet:
         if shown is not None:
             stdout.print(_final_table(shown))
@@ -351,7 +352,8 @@ def _finish(outs: _Outputs, shown: dict | None, quiet: bool) -> None:
         reason = None
         if s.get("refit_converged") is False:
             reason = f"the refit did not converge ({s.get('refit_message')})"
-        _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"), reason)
+        _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"),
+                  s.get("missed_targets"), tol, reason)  # fmt: skip
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -393,6 +395,15 @@ def reweight(
     ),
     tol: float | None = typer.Option(
         None, "--tol", help="Requested max abs relative error; missing it exits with 3."
+    ),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="LO,HI bounds on final / inflated initial weight, e.g. 0.2,5."
+    ),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="A fitted target off by more than this (relative), or at -100 %, is named as "
+        "missed, and the run exits with 3.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
@@ -466,7 +477,8 @@ def reweight(
         epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction, tol=tol,
         seed=seed, device=device, dtype=dtype, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, quiet=quiet,
-        progress=_worker_progress, threads=threads,
+        progress=_worker_progress, bounds=_parse_bounds(bounds), max_error=max_error,
+        threads=threads,
     )  # fmt: skip
     if launched is not None and launched[0] != 0:
         # Another rank under torchrun: it fits its block; rank 0 plans and writes.
@@ -503,25 +515,31 @@ def reweight(
             check_options(
                 em.n_records, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
+                bounds=run.bounds, max_error=max_error,
             )  # fmt: skip
             _warn_targets(em, quiet, exclude=held, target_records=target_records)
             bar, callback = _fit_progress(quiet, epochs)
-            with bar if bar is not None else ExitStack(), warnings.catch_warnings():
-                # The CLI reports a missed tolerance itself (exit code 3).
+            with (
+                bar if bar is not None else ExitStack(),
+                warnings.catch_warnings(record=True) as seen,
+            ):
+                # The CLI reports a missed tolerance and missed targets itself (exit 3).
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                warnings.simplefilter("always", l0calib.CoverageWarning)
                 result = l0calib.calibrate(
                     em, target_records=target_records, lambda_l0=lambda_l0,
                     lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                     seed=seed, device=device, callback=callback, log_path=log_tmp, dtype=dtype,
-                    threads=threads,
+                    bounds=run.bounds, max_error=max_error, threads=threads,
                 )  # fmt: skip
+            _say_warnings(seen)
             kept = apply_weights(households, result, weight_column=weight_column)
             shown = _write_outputs(
                 tx, outs, kept, person_frame, entity_frames, result, em.n_targets,
                 microdata=microdata, persons=persons, id_column=id_column,
                 weight_column=weight_column, person_household_column=person_household_column,
             )  # fmt: skip
-    _finish(outs, shown, quiet)
+    _finish(outs, shown, quiet, tol)
 
 
 def _reweight_hdf5(
@@ -576,14 +594,38 @@ def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _exit_for(converged: bool, max_error: float, reason: str | None = None) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance or its
-    refit stopped short (``reason``)."""
-    if not converged:
-        what = reason or "missed the requested tolerance"
+def _say_warnings(seen: list) -> None:
+    """Print the library's coverage warnings (recorded during a fit) on the terminal."""
+    for w in seen:
+        if issubclass(w.category, l0calib.CoverageWarning):
+            _say(f"Warning: {w.message}")
+
+
+def _exit_for(
+    converged: bool,
+    max_error: float,
+    missed: list[str] | None = None,
+    tol: float | None = None,
+    reason: str | None = None,
+) -> None:
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance, left
+    fitted targets far off (named on the terminal) or its refit stopped short
+    (``reason``)."""
+    if missed:
+        listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
         _say(
-            f"Warning: the fit finished but {what} (max abs rel error {max_error:.3%}); "
-            "outputs were written."
+            f"Warning: {len(missed)} fitted target(s) missed by far (at -100 % or beyond "
+            f"--max-error): {listed}; see missed_targets in summary.json."
+        )
+    if not converged:
+        parts = [reason] if reason else []
+        if (not missed and not reason) or (tol is not None and max_error > tol):
+            parts.append("missed the requested tolerance")
+        if missed:
+            parts.append("left fitted targets missed by far")
+        _say(
+            f"Warning: the fit finished but {' and '.join(parts)} (max abs rel error "
+            f"{max_error:.3%}); outputs were written."
         )
         raise typer.Exit(code=EXIT_TOLERANCE)
 
@@ -796,6 +838,12 @@ def select(
     entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="With --targets: a fitted target off by more than this (relative), or at "
+        "-100 %, is named as missed, and the run exits with 3.",
+    ),
 ) -> None:
     """Select exactly N households: part chosen by the L0 engine, part drawn at random.
 
@@ -861,7 +909,7 @@ def select(
             with bar if bar is not None else ExitStack(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
                 hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
-                           callback=callback)  # fmt: skip
+                           callback=callback, max_error=max_error)  # fmt: skip
             result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types

@@ -18,6 +18,7 @@ from l0calib._version import __version__
 from l0calib.exceptions import (
     CalibrationError,
     ConvergenceWarning,
+    CoverageWarning,
     DataError,
     L0CalibError,
     OutputError,
@@ -106,6 +107,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationResult",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "EstimateMatrix",
     "FeatureGate",

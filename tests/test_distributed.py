@@ -104,6 +104,10 @@ def test_two_ranks_equal_one_process(tmp_path: Path, k: int | None) -> None:
     assert np.allclose(hist, single.history["loss"], rtol=1e-9)
     if k is not None:
         assert int((w > 0).sum()) == k
+        # The coverage exchange and the guarded swaps ran, and agree across ranks.
+        assert single.info["coverage_exchanged"] > 0
+        assert single.info["refit_swaps_refused_for_coverage"] > 0
+        assert single.info["coverage_short"] == []
 
 
 @pytest.mark.slow  # two processes under torch.distributed
