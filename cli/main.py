@@ -7,50 +7,75 @@ missed the requested tolerance or left fitted targets missed by far.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import l0calib
-from l0calib.calibrate import check_options
-from l0calib.classic import check_method
-from l0calib.diagnose import annotate_check, check_records, diagnose_targets
-from l0calib.diagnostics import check_targets
+import l0calib  # light: its public names load on first use
 from l0calib.exceptions import L0CalibError
-from l0calib.hdf5 import is_hdf5
-from l0calib.io import read_table
-from l0calib.outputs import OutputPlan, Transaction, output_names
-from l0calib.report import (
-    apply_weights,
-    check_added_columns,
-    keep_linked_rows,
-    summary,
-    with_weights,
-    write_report_files,
-)
-from l0calib.sharded import (
-    ShardedRun,
-    fingerprint,
-    holdout_names,
-    read_entities,
-    run_rank,
-    run_sharded,
-)
+
+if TYPE_CHECKING:
+    from l0calib.outputs import Transaction
+
+
+class _Lazy:
+    """A module imported on first attribute access: ``--help`` and ``--version`` answer
+    without loading numpy, pandas or torch (seconds on a busy machine)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def _lazy_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+np = _Lazy("numpy")
+pd = _Lazy("pandas")
+torch = _Lazy("torch")
+check_options = _lazy_function("l0calib.calibrate", "check_options")
+check_method = _lazy_function("l0calib.classic", "check_method")
+annotate_check = _lazy_function("l0calib.diagnose", "annotate_check")
+check_records = _lazy_function("l0calib.diagnose", "check_records")
+diagnose_targets = _lazy_function("l0calib.diagnose", "diagnose_targets")
+check_targets = _lazy_function("l0calib.diagnostics", "check_targets")
+is_hdf5 = _lazy_function("l0calib.hdf5", "is_hdf5")
+read_table = _lazy_function("l0calib.io", "read_table")
+OutputPlan = _lazy_function("l0calib.outputs", "OutputPlan")
+output_names = _lazy_function("l0calib.outputs", "output_names")
+apply_weights = _lazy_function("l0calib.report", "apply_weights")
+check_added_columns = _lazy_function("l0calib.report", "check_added_columns")
+keep_linked_rows = _lazy_function("l0calib.report", "keep_linked_rows")
+summary = _lazy_function("l0calib.report", "summary")
+with_weights = _lazy_function("l0calib.report", "with_weights")
+write_report_files = _lazy_function("l0calib.report", "write_report_files")
+ShardedRun = _lazy_function("l0calib.sharded", "ShardedRun")
+fingerprint = _lazy_function("l0calib.sharded", "fingerprint")
+holdout_names = _lazy_function("l0calib.sharded", "holdout_names")
+read_entities = _lazy_function("l0calib.sharded", "read_entities")
+run_rank = _lazy_function("l0calib.sharded", "run_rank")
+run_sharded = _lazy_function("l0calib.sharded", "run_sharded")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
@@ -325,8 +350,11 @@ def _finish(outs: _Outputs, shown: dict | None, quiet: bool, tol: float | None =
         stdout.print(f"wrote {', '.join(outs.written())}")
     if shown is not None:
         s = shown["summary"]
+        reason = None
+        if s.get("refit_converged") is False:
+            reason = f"the refit did not converge ({s.get('refit_message')})"
         _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"),
-                  s.get("missed_targets"), tol)  # fmt: skip
+                  s.get("missed_targets"), tol, reason)  # fmt: skip
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -394,6 +422,13 @@ def reweight(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
     dtype: str = typer.Option("float32", "--dtype", help="Training precision: float32 or float64."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="Threads per process (torch and BLAS together; at most the cores). Default: 1 "
+        "below 2 million records, else every core (shared among --nproc workers).",
+    ),
     period: str | None = typer.Option(
         None, "--period", help="HDF5 input: the period (e.g. 2024) to read and reweight."
     ),
@@ -424,7 +459,7 @@ def reweight(
         _check_holdout(holdout, holdout_fraction)
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
-               "device": device, "dtype": dtype}  # fmt: skip
+               "device": device, "dtype": dtype, "threads": threads}  # fmt: skip
         _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
                        holdout_fraction, force, quiet)  # fmt: skip
         return
@@ -444,6 +479,7 @@ def reweight(
         seed=seed, device=device, dtype=dtype, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, quiet=quiet,
         progress=_worker_progress, bounds=_parse_bounds(bounds), max_error=max_error,
+        threads=threads,
     )  # fmt: skip
     if launched is not None and launched[0] != 0:
         # Another rank under torchrun: it fits its block; rank 0 plans and writes.
@@ -495,7 +531,7 @@ def reweight(
                     em, target_records=target_records, lambda_l0=lambda_l0,
                     lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                     seed=seed, device=device, callback=callback, log_path=log_tmp, dtype=dtype,
-                    bounds=run.bounds, max_error=max_error,
+                    bounds=run.bounds, max_error=max_error, threads=threads,
                 )  # fmt: skip
             _say_warnings(seen)
             kept = apply_weights(households, result, weight_column=weight_column)
@@ -567,10 +603,15 @@ def _say_warnings(seen: list) -> None:
 
 
 def _exit_for(
-    converged: bool, max_error: float, missed: list[str] | None = None, tol: float | None = None
+    converged: bool,
+    max_error: float,
+    missed: list[str] | None = None,
+    tol: float | None = None,
+    reason: str | None = None,
 ) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance or left
-    fitted targets far off (named on the terminal)."""
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance, left
+    fitted targets far off (named on the terminal) or its refit stopped short
+    (``reason``)."""
     if missed:
         listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
         _say(
@@ -578,8 +619,8 @@ def _exit_for(
             f"--max-error): {listed}; see missed_targets in summary.json."
         )
     if not converged:
-        parts = []
-        if not missed or (tol is not None and max_error > tol):
+        parts = [reason] if reason else []
+        if (not missed and not reason) or (tol is not None and max_error > tol):
             parts.append("missed the requested tolerance")
         if missed:
             parts.append("left fitted targets missed by far")

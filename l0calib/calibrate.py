@@ -19,13 +19,15 @@ and the training loss is, with ``e_k = (A_k w - t_k) / scale_k`` and
 1 otherwise. With ``target_records=K`` no L0 penalty needs tuning: after every step the gate
 logits are shifted by one constant so that the expected number of survivors follows a
 schedule from n down to K; then the K records most likely to be non-zero are kept and their
-weights refitted without gates (a convex, bounded problem solved with L-BFGS-B in float64,
-pulled toward the kept records' inflated initial weights). See ``docs/engine.md``.
+weights refitted without gates (a convex, bounded problem solved in float64 in target space,
+:mod:`l0calib.refit`, pulled toward the kept records' inflated initial weights). See
+``docs/engine.md``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
@@ -36,7 +38,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.optimize
 import scipy.sparse as sp
 import torch
 
@@ -46,8 +47,10 @@ from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnos
 from l0calib.exceptions import ConvergenceWarning, CoverageWarning, ParameterError, TargetError
 from l0calib.hardconcrete import _WORK_DTYPES, HardConcrete
 from l0calib.io import atomic_path
+from l0calib.refit import RatioSolution, solve_ratios
 from l0calib.sparse import SparseOperator
 from l0calib.targets import EstimateMatrix, as_estimate_matrix
+from l0calib.threads import choose_threads, limit_threads
 
 __all__ = ["CalibrationResult", "Progress", "calibrate", "refit"]
 
@@ -578,39 +581,34 @@ def _solve_ratios(
     max_iter: int,
     start: np.ndarray | None = None,
     upper: float | np.ndarray | None = None,
-) -> tuple[np.ndarray, scipy.optimize.OptimizeResult]:
+    dual: np.ndarray | None = None,
+) -> tuple[np.ndarray, RatioSolution]:
     """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over
-    lower <= r <= upper, from ``start`` (default all ones, clipped into the bounds).
-    ``lower`` and ``upper`` are floats or arrays of shape (idx.size,); ``upper=None`` is
-    no upper bound.
+    ``lower <= r <= upper`` (floats or arrays of shape ``(idx.size,)``; ``upper=None`` is
+    no upper bound), from ``start`` (default all ones) or the multipliers ``dual`` of a
+    related solve.
 
-    Convex (a squared hinge of an affine map plus a quadratic), bounded, float64: L-BFGS-B.
+    Convex, float64, solved in target space by :func:`l0calib.refit.solve_ratios`
+    (semismooth Newton on the dual; L-BFGS-B without an L2 pull). Returns the ratios and
+    the solver's :class:`~l0calib.refit.RatioSolution` (``nit``, ``success``,
+    ``message``, ``dual``).
     """
     rows = np.flatnonzero(pb.fitted)
-    ab = (pb.em.matrix[rows][:, idx] @ sp.diags(base)).tocsr()
-    abt = ab.T.tocsr()
-    t, scale, tol, coef = (x[rows] for x in (pb.em.values, pb.scale, pb.tol, pb.coef))
-    m = base.size
-
-    def fun(r: np.ndarray) -> tuple[float, np.ndarray]:
-        e = (ab @ r - t) / scale
-        excess = np.maximum(np.abs(e) - tol, 0.0)
-        d = r - 1.0
-        f = float(np.dot(coef, excess * excess)) + lambda_l2 * float(np.dot(d, d)) / m
-        g_e = 2.0 * coef * excess * np.sign(e) / scale
-        return f, abt @ g_e + (2.0 * lambda_l2 / m) * d
-
-    lo = np.broadcast_to(np.asarray(lower, dtype=np.float64), (m,))
-    hi = np.broadcast_to(np.asarray(np.inf if upper is None else upper, dtype=np.float64), (m,))
-    res = scipy.optimize.minimize(
-        fun,
-        np.clip(np.ones(m) if start is None else start, lo, hi),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=scipy.optimize.Bounds(lo, hi),
-        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-12},
-    )
-    return res.x, res
+    m = pb.em.matrix[rows] if rows.size < pb.em.n_targets else pb.em.matrix
+    if not (idx.size == m.shape[1] and (idx == np.arange(idx.size)).all()):
+        m = m[:, idx]  # (every record, in order: no copy by column indexing)
+    m = sp.csr_matrix(m)
+    # Columns scaled by base through the values alone (a sparse product with a diagonal
+    # matrix costs a full sparse-product pass; the index arrays are shared, read only).
+    ab = sp.csr_matrix((m.data * base[m.indices], m.indices, m.indptr), shape=m.shape)
+    sol = solve_ratios(
+        ab, pb.em.values[rows], pb.scale[rows], pb.tol[rows], pb.coef[rows], lambda_l2,
+        lower=lower, upper=math.inf if upper is None else upper, max_iter=max_iter,
+        start=start, dual=None if dual is None else dual[rows],
+    )  # fmt: skip
+    full = np.zeros(pb.em.n_targets)
+    full[rows] = sol.dual
+    return sol.x, dataclasses.replace(sol, dual=full)
 
 
 # A record the exact-count refit would drive to zero is swapped for the next candidate
@@ -649,14 +647,16 @@ def _refit_subset(
     lo_all, hi_all = (np.zeros(n), np.full(n, np.inf)) if ratio_bounds is None else ratio_bounds
     total_iter, swaps, guarded = 0, 0, 0
     ratio = np.ones(n)  # a swap round starts from the previous round's ratios
+    dual = None  # ... and multipliers
     for round_ in range(_SWAP_ROUNDS + 1):
         idx = np.flatnonzero(kept)
         lower = np.maximum(lo_all[idx], floor)
         r, res = _solve_ratios(
             pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter,
-            start=ratio[idx], upper=hi_all[idx],
+            start=ratio[idx], upper=hi_all[idx], dual=dual,
         )  # fmt: skip
         ratio[idx] = r
+        dual = res.dual
         total_iter += int(res.nit)
         at_floor = r <= lower * (1 + 1e-9)
         if fixed is not None:
@@ -684,6 +684,8 @@ def _refit_subset(
         "refit_swaps": swaps,
         "refit_swaps_refused_for_coverage": guarded,
         "refit_at_floor": int(at_floor.sum()) if exact else 0,
+        "refit_method": res.method,
+        "refit_objective": res.objective,
     }
 
 
@@ -718,6 +720,8 @@ def _result(
     )
     fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
     solved = converged
+    if not solved:  # the solver stopped short (e.g. at its iteration cap): never silent
+        warnings.warn(not_converged_reason, ConvergenceWarning, stacklevel=3)
     missed = _missed_targets(report, pb, max_error)
     if missed:
         converged = False
@@ -733,8 +737,6 @@ def _result(
                 ConvergenceWarning,
                 stacklevel=3,
             )
-    elif not solved:
-        warnings.warn(not_converged_reason, ConvergenceWarning, stacklevel=3)
     hold = report.loc[pb.holdout, "abs_rel_error"]
     info = {
         **info,
@@ -758,6 +760,12 @@ def _result(
         info=info,
         keep_probability=keep_probability,
     )
+
+
+def _history_frame(rows: list[tuple]) -> pd.DataFrame:
+    """The history table; numeric columns even when no epoch ran."""
+    frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+    return frame if rows else frame.astype(np.float64)
 
 
 def _missed_targets(report: pd.DataFrame, pb: _Problem, max_error: float | None) -> list[str]:
@@ -1054,6 +1062,7 @@ def calibrate(
     bounds: tuple[float, float] | None = None,
     max_error: float | None = MAX_ERROR,
     coverage: int = COVERAGE_RECORDS,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Calibrate weights to targets, optionally keeping exactly ``target_records`` records.
 
@@ -1082,7 +1091,10 @@ def calibrate(
         *free* selection. ``info["selection"]`` says which (``"given"`` when passed); see
         ``docs/engine.md``.
     epochs : int, default 600
-        Training steps (each uses every record). The refit runs after them.
+        Training steps (each uses every record). The refit runs after them. Without gates
+        (no ``target_records`` below the number of records, no ``lambda_l0``) and with
+        ``refit_anchor="initial"`` training cannot change the result, so no epochs run:
+        the refit solves the problem directly (``history`` is then empty, ``n_iter`` 0).
     lr : float, default 0.05
         Adam learning rate for the log weight ratios and gate logits.
     loss : {"relative", "squared"}
@@ -1110,7 +1122,8 @@ def calibrate(
         Smallest divisor of a relative error, in the target's units, so a target of 0
         does not divide by zero.
     refit : bool, default True
-        Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
+        Refit the kept weights without gates (float64, non-negative; semismooth Newton in
+        target space, see :mod:`l0calib.refit`).
     refit_l2 : float, optional
         Refit: strength of the pull toward the anchor weights, ``mean((w / w_anchor -
         1)^2)``. Default 3e-4 after a balanced selection (see ``lambda_l2``), 1e-3 when
@@ -1155,6 +1168,11 @@ def calibrate(
         top-K step and in the refit's swaps (:mod:`l0calib.coverage`). 0 turns it off.
         When ``target_records`` looks too small to cover every target, a
         :class:`~l0calib.CoverageWarning` names them before training.
+    threads : int, optional
+        Threads for this fit (torch's and the BLAS libraries' together; capped at the
+        cores this process may use). Default: 1 below two million records and 20 million
+        non-zeros (robust on a busy machine), every core above (see
+        :mod:`l0calib.threads`). ``info["threads"]`` says how many ran.
 
     Returns
     -------
@@ -1211,58 +1229,77 @@ def calibrate(
         cover = Coverage(pb.em.matrix, coverage_needs(pb.em.support(), pb.fitted, coverage))
         _warn_coverage(pb, cover, k_goal, coverage, fixed)
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
-    fit = _Fit(
-        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
-        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
-        fixed=fixed, bounds=bounds,
-    )  # fmt: skip
-    with _CsvLog(log_path) as log:
-        loop = _train(
-            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-            callback=callback, log=log, log_every=log_every,
+    n_threads = choose_threads(n, em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        fit = _Fit(
+            pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+            temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+            fixed=fixed, bounds=bounds,
         )  # fmt: skip
-        weights_out, before, info, scores = _select_and_refit(
-            fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
-            refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
-            coverage_records=coverage, bounds=bounds, cover=cover,
-        )  # fmt: skip
-        if log.path is not None:
-            log.write(loop.epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
+        # Without gates, a refit anchored on the initial weights solves the whole problem and
+        # nothing training does reaches the result: skip the epochs.
+        direct = not gated and refit and refit_anchor == "initial"
+        with _CsvLog(log_path) as log:
+            if direct:
+                loop = _Loop(epoch=0, survivors=float(n), start=float(n))
+            else:
+                loop = _train(
+                    fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                    callback=callback, log=log, log_every=log_every,
+                )  # fmt: skip
+            weights_out, before, info, scores = _select_and_refit(
+                fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
+                refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
+                coverage_records=coverage, bounds=bounds, cover=cover,
+            )  # fmt: skip
+            if log.path is not None:
+                final = em.estimates(weights_out)
+                log.write(loop.epoch + 1, float("nan"), em.names, em.values, final)
+            if direct and callback is not None:
+                # No epochs ran: the caller still hears of the (only) phase that did.
+                rel = np.abs(em.estimates(weights_out) - em.values)
+                rel /= np.maximum(np.abs(em.values), pb.scale_floor)
+                rel = rel[pb.fitted]
+                callback(Progress(
+                    "refit", 0, 0, float(info.get("refit_objective", math.nan)),
+                    float(rel.mean()), float(rel.max()), float(n), None, 0.0,
+                ))  # fmt: skip
 
-    before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
-    before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
-    info.update(
-        {
-            "target_records": target_records,
-            "selection": selection,
-            "lambda_l2": lambda_l2,
-            "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
-            "gate_shift_final": loop.shift,
-            "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
-            "max_abs_rel_error_before_refit": float(before_fitted.max()),
-            "device": str(dev),
-            "dtype": str(tdtype).removeprefix("torch."),
-            "bounds": list(bounds) if bounds is not None else None,
-            "weight_ratio_inflated": _ratio_summary(
-                weights_out, pb.w0 * (n / max(int(np.count_nonzero(weights_out)), 1))
-            ),
-        }
-    )
-    return _result(
-        pb,
-        weights_out,
-        tol=tol,
-        converged=bool(info["refit_converged"]),
-        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-        n_iter=loop.epoch,
-        start=start,
-        seed=seed,
-        method="l0",
-        info=info,
-        keep_probability=scores,
-        max_error=max_error,
-    )
+        before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
+        before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
+        info.update(
+            {
+                "target_records": target_records,
+                "selection": selection,
+                "lambda_l2": lambda_l2,
+                "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
+                "gate_shift_final": loop.shift,
+                "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
+                "max_abs_rel_error_before_refit": float(before_fitted.max()),
+                "device": str(dev),
+                "dtype": str(tdtype).removeprefix("torch."),
+                "threads": n_threads,
+                "bounds": list(bounds) if bounds is not None else None,
+                "weight_ratio_inflated": _ratio_summary(
+                    weights_out, pb.w0 * (n / max(int(np.count_nonzero(weights_out)), 1))
+                ),
+            }
+        )
+        return _result(
+            pb,
+            weights_out,
+            tol=tol,
+            converged=bool(info["refit_converged"]),
+            not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+            history=_history_frame(loop.history),
+            n_iter=loop.epoch,
+            start=start,
+            seed=seed,
+            method="l0",
+            info=info,
+            keep_probability=scores,
+            max_error=max_error,
+        )
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -1285,11 +1322,13 @@ def refit(
     keep_all: bool = False,
     bounds: tuple[float, float] | None = None,
     max_error: float | None = MAX_ERROR,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Reweight a chosen subset of records so the targets hold (no gates, no training).
 
     Minimises the engine's fit loss plus ``lambda_l2 * mean((w / w_start - 1)^2)`` over
-    non-negative weights of the ``keep`` records (L-BFGS-B, float64); the others get 0.
+    non-negative weights of the ``keep`` records (float64, solved in target space by
+    :func:`l0calib.refit.solve_ratios`); the others get 0.
     This is the engine's refit step on its own: use it for a sample drawn some other way
     (for example at random, as a baseline).
 
@@ -1305,6 +1344,8 @@ def refit(
     holdout, lambda_l2, normalize_groups, loss, scale_floor, tol
         As for :func:`calibrate`.
     max_iter : int, default 2000
+        Most solver iterations (Newton steps; usually under 10). Stopping at the cap warns
+        with :class:`~l0calib.ConvergenceWarning` and sets ``converged=False``.
     keep_all : bool, default False
         Hold every kept record's weight at or above ``1e-4`` times its starting weight, so
         exactly the ``keep`` records have non-zero weights (as the engine does for
@@ -1316,6 +1357,8 @@ def refit(
     max_error : float or None, default 0.5
         As for :func:`calibrate`: missed targets are warned about, listed in
         ``info["missed_targets"]`` and make ``converged`` False.
+    threads : int, optional
+        As for :func:`calibrate` (the refit's factorisations use the BLAS threads).
 
     Returns
     -------
@@ -1337,8 +1380,11 @@ def refit(
         nonneg("max_error", max_error)
     n = pb.em.n_records
     rb = None if bounds is None else (np.full(n, bounds[0]), np.full(n, bounds[1]))
-    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all,
-                            ratio_bounds=rb)  # fmt: skip
+    n_threads = choose_threads(int(mask.sum()), pb.em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all,
+                                ratio_bounds=rb)  # fmt: skip
+    info["threads"] = n_threads
     info["bounds"] = list(bounds) if bounds is not None else None
     info["weight_ratio_inflated"] = _ratio_summary(w, pb.w0)
     return _result(
@@ -1347,7 +1393,7 @@ def refit(
         tol=tol,
         converged=info["refit_converged"],
         not_converged_reason=f"the refit did not converge: {info['refit_message']}",
-        history=pd.DataFrame(columns=list(HISTORY_COLUMNS)),
+        history=_history_frame([]),
         n_iter=info["refit_iterations"],
         start=start,
         seed=0,

@@ -57,6 +57,7 @@ from l0calib.calibrate import (
     _CsvLog,
     _default_refit_l2,
     _Fit,
+    _history_frame,
     _Loop,
     _Problem,
     _problem,
@@ -72,6 +73,7 @@ from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs
 from l0calib.diagnostics import WeightDiagnostics
 from l0calib.exceptions import DataError, ParameterError
 from l0calib.targets import EstimateMatrix
+from l0calib.threads import available_cores, choose_threads, limit_threads
 
 __all__ = ["calibrate_shard", "load_shard", "shard_bounds"]
 
@@ -295,6 +297,7 @@ def calibrate_shard(
     checkpoint_every: int = 100,
     resume: bool = False,
     fingerprint: dict[str, str] | None = None,
+    threads: int | None = None,
     group: Any = None,
     bounds: tuple[float, float] | None = None,
     max_error: float | None = MAX_ERROR,
@@ -324,6 +327,10 @@ def calibrate_shard(
         What the run depends on (input file hashes, options), saved in every checkpoint;
         resuming with a different one is a :class:`DataError` naming the differing keys.
         A truncated or foreign checkpoint is a :class:`DataError` naming the file.
+    threads : int, optional
+        Threads for this rank (as for :func:`l0calib.calibrate`), at most the available
+        cores divided by the number of ranks on this machine (``LOCAL_WORLD_SIZE`` under
+        torchrun, else every rank).
     group : process group, optional
         Default: the default group.
 
@@ -369,58 +376,70 @@ def calibrate_shard(
     )
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n_total) or bool(lambda_l0)
-    fit = _Fit(
-        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
-        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
-        reduce=comm.reduce, n_total=n_total, index_offset=int(offset), bounds=bounds,
-    )  # fmt: skip
-    ckpt = None
-    if checkpoint_dir is not None:
-        ckpt = Path(checkpoint_dir) / f"rank{comm.rank}.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    state = None
-    if resume:
-        if ckpt is None or not ckpt.exists():
-            raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
-        state = _load(ckpt, fit, fingerprint)
-    with _CsvLog(log_path if comm.rank == 0 else None) as log:
-        loop = _train(
-            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-            callback=callback, log=log, log_every=log_every, resume=state,
-            checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint)) if ckpt is not None else None,
-            checkpoint_every=checkpoint_every,
+    n_threads = choose_threads(n, em.matrix.nnz, threads)
+    # The ranks on this machine share its cores: no more busy threads than cores in all
+    # (torchrun says how many ranks run here; local workers are all here).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", comm.world))
+    n_threads = min(n_threads, max(1, available_cores() // max(local, 1)))
+    with limit_threads(n_threads):
+        fit = _Fit(
+            pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+            temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+            reduce=comm.reduce, n_total=n_total, index_offset=int(offset), bounds=bounds,
         )  # fmt: skip
-        weights_out, info = _select_and_refit_shard(
-            comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
-            refit_l2=refit_l2, refit_max_iter=refit_max_iter, need=need, bounds=bounds,
-        )  # fmt: skip
-        estimates = _global_estimates(comm, em, weights_out)
-        if log.path is not None:
-            log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
-    info.update({
-        "target_records": target_records, "gate_shift_final": loop.shift,
-        "selection": selection, "lambda_l2": lambda_l2,
-        "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
-        "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
-        "bounds": list(bounds) if bounds is not None else None,
-    })  # fmt: skip
-    return _result(
-        pb,
-        weights_out,
-        tol=tol,
-        converged=bool(info["refit_converged"]),
-        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-        n_iter=loop.epoch,
-        start=start_time,
-        seed=seed,
-        method="l0-sharded",
-        info=info,
-        keep_probability=fit.keep_scores(),
-        estimates=estimates,
-        diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
-        max_error=max_error,
-    )
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = Path(checkpoint_dir) / f"rank{comm.rank}.pt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = None
+        if resume:
+            if ckpt is None or not ckpt.exists():
+                raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
+            state = _load(ckpt, fit, fingerprint)
+        with _CsvLog(log_path if comm.rank == 0 else None) as log:
+            if not gated and refit:
+                # As in calibrate(): without gates the refit (anchored on the initial weights)
+                # solves the whole problem and training cannot change it.
+                loop = _Loop(epoch=0, survivors=float(n_total), start=float(n_total))
+            else:
+                loop = _train(
+                    fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                    callback=callback, log=log, log_every=log_every, resume=state,
+                    checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint))
+                    if ckpt is not None else None,
+                    checkpoint_every=checkpoint_every,
+                )  # fmt: skip
+            weights_out, info = _select_and_refit_shard(
+                comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
+                refit_l2=refit_l2, refit_max_iter=refit_max_iter, need=need, bounds=bounds,
+            )  # fmt: skip
+            estimates = _global_estimates(comm, em, weights_out)
+            if log.path is not None:
+                log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
+        info.update({
+            "target_records": target_records, "gate_shift_final": loop.shift,
+            "selection": selection, "lambda_l2": lambda_l2,
+            "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
+            "threads": n_threads, "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
+            "bounds": list(bounds) if bounds is not None else None,
+        })  # fmt: skip
+        return _result(
+            pb,
+            weights_out,
+            tol=tol,
+            converged=bool(info["refit_converged"]),
+            not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+            history=_history_frame(loop.history),
+            n_iter=loop.epoch,
+            start=start_time,
+            seed=seed,
+            method="l0-sharded",
+            info=info,
+            keep_probability=fit.keep_scores(),
+            estimates=estimates,
+            diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
+            max_error=max_error,
+        )
 
 
 def _global_estimates(comm: _Comm, em: EstimateMatrix, w: np.ndarray) -> np.ndarray:

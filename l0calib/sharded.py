@@ -90,6 +90,7 @@ class ShardedRun:
     progress: ProgressFactory | None = None
     bounds: tuple[float, float] | None = None
     max_error: float | None = 0.5
+    threads: int | None = None
 
 
 def holdout_names(
@@ -254,7 +255,7 @@ def run_rank(rank: int, world: int, run: ShardedRun) -> dict[str, Any] | None:
                 dtype=run.dtype, callback=callback, log_path=run.log,
                 checkpoint_dir=run.checkpoint, checkpoint_every=run.checkpoint_every,
                 resume=run.resume, fingerprint=run.fingerprint, bounds=run.bounds,
-                max_error=run.max_error,
+                max_error=run.max_error, threads=run.threads,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=run.weight_column)
         kept.index = kept.index + offset  # global row positions (for the text of CSV cells)

@@ -245,6 +245,7 @@ def test_reweight_warns_about_infeasible_targets(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a full reweight in a fresh process
 def test_installed_script_runs_reweight(tmp_path: Path) -> None:
     script = shutil.which("l0calib", path=str(ROOT / ".venv" / "bin")) or shutil.which("l0calib")
     if script is None:
@@ -381,7 +382,10 @@ def _entity_tables(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "tu.csv", tmp_path / "spm.parquet"
 
 
-@pytest.mark.parametrize("command", ["reweight", "select", "reweight --nproc 2"])
+@pytest.mark.parametrize(
+    "command",
+    ["reweight", "select", pytest.param("reweight --nproc 2", marks=pytest.mark.slow)],
+)
 def test_entities_follow_the_kept_households(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
@@ -432,6 +436,7 @@ def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 # ---------------------------------------------------------------------------- --nproc
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_write_what_one_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -458,6 +463,7 @@ def test_two_processes_write_what_one_writes(
     assert (ra["holdout"] == rb["holdout"]).all()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
@@ -479,6 +485,7 @@ def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "needs --checkpoint DIR" in bad.output
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
@@ -491,6 +498,7 @@ def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "households_reweighted.parquet").exists()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_find_rows_linked_to_no_household(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
