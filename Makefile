@@ -1,6 +1,7 @@
 # Set-up and checks on a fresh machine (Python 3.11, no torch installed):
 #   make demo   install into .venv, then reweight the shipped 5,000-household fixture to 1,000
-#   make test   install into .venv (with the dev extra), then run the whole test suite
+#   make test   install into .venv (with the dev extra), then run the test suite without the
+#               tests marked slow (minutes); `make test-all` runs those too (as CI does)
 # torch is installed first, pinned by constraints.txt to the local CPU wheel.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.l0calib-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-all lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,11 +1,13 @@
 """The ``l0calib`` Typer application: parse options, call the library, render results.
 
 Exit codes: 0 success; 1 bad input or data error; 2 usage error; 3 the fit finished but
-missed the requested tolerance.
+missed the requested tolerance or left fitted targets missed by far.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -15,10 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,36 +26,62 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-import l0calib
-from l0calib.calibrate import check_options
-from l0calib.classic import check_method
-from l0calib.diagnose import annotate_check, check_records, diagnose_targets
-from l0calib.diagnostics import check_targets
+import l0calib  # light: its public names load on first use
 from l0calib.exceptions import L0CalibError
-from l0calib.hdf5 import is_hdf5
-from l0calib.io import read_table
-from l0calib.outputs import OutputPlan, Transaction, output_names
-from l0calib.report import (
-    apply_weights,
-    check_added_columns,
-    describe_inputs,
-    keep_linked_rows,
-    summary,
-    with_weights,
-    write_report_files,
-)
-from l0calib.sharded import (
-    ShardedRun,
-    fingerprint,
-    holdout_names,
-    read_entities,
-    run_rank,
-    run_sharded,
-)
+
+if TYPE_CHECKING:
+    from l0calib.outputs import Transaction
+
+
+class _Lazy:
+    """A module imported on first attribute access: ``--help`` and ``--version`` answer
+    without loading numpy, pandas or torch (seconds on a busy machine)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def _lazy_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+np = _Lazy("numpy")
+pd = _Lazy("pandas")
+torch = _Lazy("torch")
+check_options = _lazy_function("l0calib.calibrate", "check_options")
+check_method = _lazy_function("l0calib.classic", "check_method")
+annotate_check = _lazy_function("l0calib.diagnose", "annotate_check")
+check_records = _lazy_function("l0calib.diagnose", "check_records")
+diagnose_targets = _lazy_function("l0calib.diagnose", "diagnose_targets")
+check_targets = _lazy_function("l0calib.diagnostics", "check_targets")
+is_hdf5 = _lazy_function("l0calib.hdf5", "is_hdf5")
+read_table = _lazy_function("l0calib.io", "read_table")
+OutputPlan = _lazy_function("l0calib.outputs", "OutputPlan")
+output_names = _lazy_function("l0calib.outputs", "output_names")
+apply_weights = _lazy_function("l0calib.report", "apply_weights")
+check_added_columns = _lazy_function("l0calib.report", "check_added_columns")
+describe_inputs = _lazy_function("l0calib.report", "describe_inputs")
+keep_linked_rows = _lazy_function("l0calib.report", "keep_linked_rows")
+summary = _lazy_function("l0calib.report", "summary")
+with_weights = _lazy_function("l0calib.report", "with_weights")
+write_report_files = _lazy_function("l0calib.report", "write_report_files")
+ShardedRun = _lazy_function("l0calib.sharded", "ShardedRun")
+fingerprint = _lazy_function("l0calib.sharded", "fingerprint")
+holdout_names = _lazy_function("l0calib.sharded", "holdout_names")
+read_entities = _lazy_function("l0calib.sharded", "read_entities")
+run_rank = _lazy_function("l0calib.sharded", "run_rank")
+run_sharded = _lazy_function("l0calib.sharded", "run_sharded")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 bad input or data error; 2 usage error; "
-    "3 the fit finished but missed the requested tolerance."
+    "3 the fit finished but missed the requested tolerance or left targets missed by far."
 )
 EXIT_TOLERANCE = 3
 
@@ -493,15 +519,20 @@ def _final_table(shown: dict) -> Table:
     return table
 
 
-def _finish(outs: _Outputs, shown: dict | None, quiet: bool) -> None:
-    """The summary table, the files written, and exit code 3 for a missed tolerance."""
+def _finish(outs: _Outputs, shown: dict | None, quiet: bool, tol: float | None = None) -> None:
+    """The summary table, the files written, and exit code 3 for a missed tolerance or
+    missed targets."""
     if not quiet:
         if shown is not None:
             stdout.print(_final_table(shown))
         stdout.print(f"wrote {', '.join(outs.written())}")
     if shown is not None:
         s = shown["summary"]
-        _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"))
+        reason = None
+        if s.get("refit_converged") is False:
+            reason = f"the refit did not converge ({s.get('refit_message')})"
+        _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"),
+                  s.get("missed_targets"), tol, reason)  # fmt: skip
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
@@ -545,6 +576,15 @@ def reweight(
     tol: float | None = typer.Option(
         None, "--tol", help="Requested max abs relative error; missing it exits with 3."
     ),
+    bounds: str | None = typer.Option(
+        None, "--bounds", help="LO,HI bounds on final / inflated initial weight, e.g. 0.2,5."
+    ),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="A fitted target off by more than this (relative), or at -100 %, is named as "
+        "missed, and the run exits with 3.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
@@ -561,6 +601,13 @@ def reweight(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
     dtype: str = typer.Option("float32", "--dtype", help="Training precision: float32 or float64."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="Threads per process (torch and BLAS together; at most the cores). Default: 1 "
+        "below 2 million records, else every core (shared among --nproc workers).",
+    ),
     period: str | None = typer.Option(
         None, "--period", help="HDF5 input: the period (e.g. 2024) to read and reweight."
     ),
@@ -592,7 +639,7 @@ def reweight(
         _check_holdout(holdout, holdout_fraction)
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
-               "device": device, "dtype": dtype}  # fmt: skip
+               "device": device, "dtype": dtype, "threads": threads}  # fmt: skip
         _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
                        holdout_fraction, force, quiet)  # fmt: skip
         return
@@ -611,7 +658,8 @@ def reweight(
         epochs=epochs, lr=lr, holdout=holdout, holdout_fraction=holdout_fraction, tol=tol,
         seed=seed, device=device, dtype=dtype, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, quiet=quiet,
-        progress=_worker_progress,
+        progress=_worker_progress, bounds=_parse_bounds(bounds), max_error=max_error,
+        threads=threads,
     )  # fmt: skip
     if launched is not None and launched[0] != 0:
         # Another rank under torchrun: it fits its block; rank 0 plans and writes.
@@ -649,17 +697,24 @@ def reweight(
             check_options(
                 em.n_records, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
+                bounds=run.bounds, max_error=max_error,
             )  # fmt: skip
             phases.release()
             _warn_targets(em, quiet, exclude=held, target_records=target_records)
-            with phases.fitting(epochs) as callback, warnings.catch_warnings():
-                # The CLI reports a missed tolerance itself (exit code 3).
+            with (
+                phases.fitting(epochs) as callback,
+                warnings.catch_warnings(record=True) as seen,
+            ):
+                # The CLI reports a missed tolerance and missed targets itself (exit 3).
                 warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
+                warnings.simplefilter("always", l0calib.CoverageWarning)
                 result = l0calib.calibrate(
                     em, target_records=target_records, lambda_l0=lambda_l0,
                     lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                     seed=seed, device=device, callback=callback, log_path=log_tmp, dtype=dtype,
+                    bounds=run.bounds, max_error=max_error, threads=threads,
                 )  # fmt: skip
+            _say_warnings(seen)
             kept = apply_weights(households, result, weight_column=weight_column)
             with phases.phase("writing"):
                 shown = _write_outputs(
@@ -668,7 +723,7 @@ def reweight(
                     weight_column=weight_column,
                     person_household_column=person_household_column, em=em, tol=tol,
                 )  # fmt: skip
-    _finish(outs, shown, quiet)
+    _finish(outs, shown, quiet, tol)
 
 
 def _reweight_hdf5(
@@ -727,12 +782,38 @@ def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _exit_for(converged: bool, max_error: float) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance."""
-    if not converged:
+def _say_warnings(seen: list) -> None:
+    """Print the library's coverage warnings (recorded during a fit) on the terminal."""
+    for w in seen:
+        if issubclass(w.category, l0calib.CoverageWarning):
+            _say(f"Warning: {w.message}")
+
+
+def _exit_for(
+    converged: bool,
+    max_error: float,
+    missed: list[str] | None = None,
+    tol: float | None = None,
+    reason: str | None = None,
+) -> None:
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance, left
+    fitted targets far off (named on the terminal) or its refit stopped short
+    (``reason``)."""
+    if missed:
+        listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
         _say(
-            "Warning: the fit finished but missed the requested tolerance (max abs rel "
-            f"error {max_error:.3%}); outputs were written."
+            f"Warning: {len(missed)} fitted target(s) missed by far (at -100 % or beyond "
+            f"--max-error): {listed}; see missed_targets in summary.json."
+        )
+    if not converged:
+        parts = [reason] if reason else []
+        if (not missed and not reason) or (tol is not None and max_error > tol):
+            parts.append("missed the requested tolerance")
+        if missed:
+            parts.append("left fitted targets missed by far")
+        _say(
+            f"Warning: the fit finished but {' and '.join(parts)} (max abs rel error "
+            f"{max_error:.3%}); outputs were written."
         )
         raise typer.Exit(code=EXIT_TOLERANCE)
 
@@ -902,8 +983,20 @@ def _warn_targets(em, quiet: bool, **options) -> None:
     if quiet:
         return
     diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
-    for line in diagnosis.messages(limit=5):
+    risks = diagnosis.pruning_risks
+    # The engine keeps supporters of every fitted target (its coverage guarantee), so the
+    # risk a uniform draw would run is one line here; `check` lists each target.
+    for line in dataclasses.replace(diagnosis, pruning_risks=()).messages(limit=5):
         _say(f"Warning: {line}")
+    if risks:
+        rarest = min(risks, key=lambda r: r.support)
+        k = options.get("target_records")
+        _say(
+            f"Note: {len(risks)} target(s) have so few supporting records that a uniform "
+            f"draw of {k:,} of {em.n_records:,} would likely miss them (rarest: {rarest.name}, "
+            f"{rarest.support} records); the selection keeps supporters of every fitted "
+            f"target. `l0calib check --target-records {k}` lists them."
+        )
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
@@ -958,6 +1051,12 @@ def select(
     entity_link: list[str] | None = ENTITY_LINK,
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
+    max_error: float = typer.Option(
+        0.5,
+        "--max-error",
+        help="With --targets: a fitted target off by more than this (relative), or at "
+        "-100 %, is named as missed, and the run exits with 3.",
+    ),
 ) -> None:
     """Select exactly N households: part chosen by the L0 engine, part drawn at random.
 
@@ -1040,7 +1139,7 @@ def select(
                 else:
                     callback = stack.enter_context(phases.fitting(epochs))
                 hybrid.fit(em, holdout=held, strata=strata, epochs=epochs, device=device,
-                           callback=callback)  # fmt: skip
+                           callback=callback, max_error=max_error)  # fmt: skip
             result, weights, types = hybrid.result_, hybrid.weights_, hybrid.types_
         kept = with_weights(households, weights, weight_column=weight_column)
         kept["selection"] = types

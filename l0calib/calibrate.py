@@ -19,13 +19,15 @@ and the training loss is, with ``e_k = (A_k w - t_k) / scale_k`` and
 1 otherwise. With ``target_records=K`` no L0 penalty needs tuning: after every step the gate
 logits are shifted by one constant so that the expected number of survivors follows a
 schedule from n down to K; then the K records most likely to be non-zero are kept and their
-weights refitted without gates (a convex, bounded problem solved with L-BFGS-B in float64,
-pulled toward the kept records' inflated initial weights). See ``docs/engine.md``.
+weights refitted without gates (a convex, bounded problem solved in float64 in target space,
+:mod:`l0calib.refit`, pulled toward the kept records' inflated initial weights). See
+``docs/engine.md``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
@@ -36,17 +38,19 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.optimize
 import scipy.sparse as sp
 import torch
 
 from l0calib._checks import nonneg, positive_int
+from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs, coverage_risk
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
-from l0calib.exceptions import ConvergenceWarning, ParameterError, TargetError
+from l0calib.exceptions import ConvergenceWarning, CoverageWarning, ParameterError, TargetError
 from l0calib.hardconcrete import _WORK_DTYPES, HardConcrete
 from l0calib.io import atomic_path
+from l0calib.refit import RatioSolution, solve_ratios
 from l0calib.sparse import SparseOperator
 from l0calib.targets import EstimateMatrix, as_estimate_matrix
+from l0calib.threads import choose_threads, limit_threads
 
 __all__ = ["CalibrationResult", "Progress", "calibrate", "refit"]
 
@@ -410,6 +414,7 @@ class _Fit:
         reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
         n_total: int | None = None,
         index_offset: int = 0,
+        bounds: tuple[float, float] | None = None,
     ) -> None:
         """``u`` and ``gates`` may be supplied (and are then trained in place), as the
         PolicyEngine drop-in does; ``inflate=False``, ``l0_per_record=False`` and
@@ -443,6 +448,21 @@ class _Fit:
             None if fixed is None or not fixed.any() else torch.as_tensor(fixed, device=device)
         )
         self.n_fixed = 0 if self.fixed is None else int(fixed.sum())  # type: ignore[union-attr]
+        # Bounds on exp(u), the ratio of a weight to its inflated initial weight: u is
+        # projected into [log lo, log hi] after every step.
+        self.u_bounds: tuple[float | None, float | None] | None = None
+        if bounds is not None:
+            lo, hi = bounds
+            self.u_bounds = (
+                math.log(lo) if lo > 0 else None,
+                math.log(hi) if math.isfinite(hi) else None,
+            )
+            self._project_u()
+
+    @torch.no_grad()
+    def _project_u(self) -> None:
+        if self.u_bounds is not None:
+            self.u.clamp_(min=self.u_bounds[0], max=self.u_bounds[1])
 
     def set_problem(self, pb: _Problem) -> None:
         """(Re)load the matrix and the loss constants; parameters and optimizer are kept."""
@@ -513,6 +533,7 @@ class _Fit:
             penalty = penalty + self.lambda_l0 * expected / per
         (fit + penalty).backward()
         self.opt.step()
+        self._project_u()
         penalty, expected = penalty.detach(), expected.detach()
         if self.reduce is not None:
             penalty = self.reduce(penalty.double(), "sum")
@@ -558,44 +579,47 @@ def _solve_ratios(
     base: np.ndarray,
     lambda_l2: float,
     *,
-    lower: float,
+    lower: float | np.ndarray,
     max_iter: int,
     start: np.ndarray | None = None,
-) -> tuple[np.ndarray, scipy.optimize.OptimizeResult]:
-    """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over r >= lower,
-    from ``start`` (default all ones).
+    upper: float | np.ndarray | None = None,
+    dual: np.ndarray | None = None,
+) -> tuple[np.ndarray, RatioSolution]:
+    """Minimise fit(A[:, idx] (base * r)) + lambda_l2 * mean((r - 1)^2) over
+    ``lower <= r <= upper`` (floats or arrays of shape ``(idx.size,)``; ``upper=None`` is
+    no upper bound), from ``start`` (default all ones) or the multipliers ``dual`` of a
+    related solve.
 
-    Convex (a squared hinge of an affine map plus a quadratic), bounded, float64: L-BFGS-B.
+    Convex, float64, solved in target space by :func:`l0calib.refit.solve_ratios`
+    (semismooth Newton on the dual; L-BFGS-B without an L2 pull). Returns the ratios and
+    the solver's :class:`~l0calib.refit.RatioSolution` (``nit``, ``success``,
+    ``message``, ``dual``).
     """
     rows = np.flatnonzero(pb.fitted)
-    ab = (pb.em.matrix[rows][:, idx] @ sp.diags(base)).tocsr()
-    abt = ab.T.tocsr()
-    t, scale, tol, coef = (x[rows] for x in (pb.em.values, pb.scale, pb.tol, pb.coef))
-    m = base.size
-
-    def fun(r: np.ndarray) -> tuple[float, np.ndarray]:
-        e = (ab @ r - t) / scale
-        excess = np.maximum(np.abs(e) - tol, 0.0)
-        d = r - 1.0
-        f = float(np.dot(coef, excess * excess)) + lambda_l2 * float(np.dot(d, d)) / m
-        g_e = 2.0 * coef * excess * np.sign(e) / scale
-        return f, abt @ g_e + (2.0 * lambda_l2 / m) * d
-
-    res = scipy.optimize.minimize(
-        fun,
-        np.ones(m) if start is None else np.maximum(start, lower),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=scipy.optimize.Bounds(np.full(m, lower), np.full(m, np.inf)),
-        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-12},
-    )
-    return res.x, res
+    m = pb.em.matrix[rows] if rows.size < pb.em.n_targets else pb.em.matrix
+    if not (idx.size == m.shape[1] and (idx == np.arange(idx.size)).all()):
+        m = m[:, idx]  # (every record, in order: no copy by column indexing)
+    m = sp.csr_matrix(m)
+    # Columns scaled by base through the values alone (a sparse product with a diagonal
+    # matrix costs a full sparse-product pass; the index arrays are shared, read only).
+    ab = sp.csr_matrix((m.data * base[m.indices], m.indices, m.indptr), shape=m.shape)
+    sol = solve_ratios(
+        ab, pb.em.values[rows], pb.scale[rows], pb.tol[rows], pb.coef[rows], lambda_l2,
+        lower=lower, upper=math.inf if upper is None else upper, max_iter=max_iter,
+        start=start, dual=None if dual is None else dual[rows],
+    )  # fmt: skip
+    full = np.zeros(pb.em.n_targets)
+    full[rows] = sol.dual
+    return sol.x, dataclasses.replace(sol, dual=full)
 
 
 # A record the exact-count refit would drive to zero is swapped for the next candidate
 # (up to _SWAP_ROUNDS times); after that, this floor on w / base keeps the count exact.
 _SWAP_ROUNDS = 3
 _FLOOR = 1e-4
+# A fitted target whose abs relative error exceeds max(MAX_ERROR, its tolerance) is
+# "missed" by default: far outside anything a calibration should return unremarked.
+MAX_ERROR = 0.5
 
 
 def _refit_subset(
@@ -608,34 +632,48 @@ def _refit_subset(
     exact: bool,
     order: np.ndarray | None = None,
     fixed: np.ndarray | None = None,
+    coverage: Coverage | None = None,
+    ratio_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Refit the weights of the ``kept`` records, starting from and pulled toward ``base``.
 
     With ``exact``, the result has exactly ``kept.sum()`` non-zero weights: records driven
     to the floor are replaced by the next ones in ``order`` (candidates, best first);
-    ``fixed`` records are never swapped out.
+    ``fixed`` records are never swapped out, nor is a record that ``coverage`` says a
+    target needs. ``ratio_bounds`` are per-record (lower, upper) bounds on ``w / base``,
+    shape (n_records,) each.
     """
     kept = kept.copy()
-    lower = _FLOOR if exact else 0.0
-    total_iter, swaps = 0, 0
-    ratio = np.ones(pb.em.n_records)  # a swap round starts from the previous round's ratios
+    floor = _FLOOR if exact else 0.0
+    n = pb.em.n_records
+    lo_all, hi_all = (np.zeros(n), np.full(n, np.inf)) if ratio_bounds is None else ratio_bounds
+    total_iter, swaps, guarded = 0, 0, 0
+    ratio = np.ones(n)  # a swap round starts from the previous round's ratios
+    dual = None  # ... and multipliers
     for round_ in range(_SWAP_ROUNDS + 1):
         idx = np.flatnonzero(kept)
+        lower = np.maximum(lo_all[idx], floor)
         r, res = _solve_ratios(
             pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter,
-            start=ratio[idx],
+            start=ratio[idx], upper=hi_all[idx], dual=dual,
         )  # fmt: skip
         ratio[idx] = r
+        dual = res.dual
         total_iter += int(res.nit)
         at_floor = r <= lower * (1 + 1e-9)
         if fixed is not None:
             at_floor &= ~fixed[idx]
         if not exact or order is None or round_ == _SWAP_ROUNDS or not at_floor.any():
             break
-        candidates = order[~kept[order]][: int(at_floor.sum())]
+        leaving = idx[at_floor]
+        if coverage is not None:
+            ok = coverage.removable(kept, leaving)
+            guarded += int((~ok).sum())
+            leaving = leaving[ok]
+        candidates = order[~kept[order]][: leaving.size]
         if candidates.size == 0:
             break
-        kept[idx[at_floor][: candidates.size]] = False
+        kept[leaving[: candidates.size]] = False
         kept[candidates] = True
         ratio[candidates] = 1.0
         swaps += int(candidates.size)
@@ -646,7 +684,10 @@ def _refit_subset(
         "refit_message": str(res.message),
         "refit_iterations": total_iter,
         "refit_swaps": swaps,
+        "refit_swaps_refused_for_coverage": guarded,
         "refit_at_floor": int(at_floor.sum()) if exact else 0,
+        "refit_method": res.method,
+        "refit_objective": res.objective,
     }
 
 
@@ -666,33 +707,42 @@ def _result(
     keep_probability: np.ndarray | None = None,
     estimates: np.ndarray | None = None,
     diagnostics: WeightDiagnostics | None = None,
+    max_error: float | None = MAX_ERROR,
 ) -> CalibrationResult:
     """Report, diagnostics and the tolerance check shared by every fitting function.
 
     A shard of a distributed fit passes the totals summed over every shard
     (``estimates``) and diagnostics reduced over them; otherwise both come from
-    ``weights``.
+    ``weights``. Missed targets (:func:`_missed_targets`) are named in a
+    :class:`ConvergenceWarning`, listed in ``info["missed_targets"]`` and make the
+    result not converged.
     """
     report = target_report(
         pb.em, weights, pb.holdout, scale_floor=pb.scale_floor, estimates=estimates
     )
     fitted_err = report.loc[pb.fitted, "abs_rel_error"].to_numpy()
+    solved = converged
+    if not solved:  # the solver stopped short (e.g. at its iteration cap): never silent
+        warnings.warn(not_converged_reason, ConvergenceWarning, stacklevel=3)
+    missed = _missed_targets(report, pb, max_error)
+    if missed:
+        converged = False
+        warnings.warn(_missed_message(report, missed, max_error), ConvergenceWarning, stacklevel=3)
     if tol is not None:
         allowed = np.maximum(tol, pb.em.tolerance[pb.fitted]) + 1e-12
-        missed = int((fitted_err > allowed).sum())
-        if missed:
+        outside = int((fitted_err > allowed).sum())
+        if outside:
             converged = False
             warnings.warn(
-                f"{missed} of {fitted_err.size} fitted targets are outside the requested "
+                f"{outside} of {fitted_err.size} fitted targets are outside the requested "
                 f"tolerance {tol:g} (largest abs relative error {fitted_err.max():.3g})",
                 ConvergenceWarning,
                 stacklevel=3,
             )
-    elif not converged:
-        warnings.warn(not_converged_reason, ConvergenceWarning, stacklevel=3)
     hold = report.loc[pb.holdout, "abs_rel_error"]
     info = {
         **info,
+        "missed_targets": missed,
         "mean_abs_rel_error": float(fitted_err.mean()),
         "max_abs_rel_error": float(fitted_err.max()),
         "holdout_mean_abs_rel_error": float(hold.mean()) if len(hold) else None,
@@ -712,6 +762,60 @@ def _result(
         info=info,
         keep_probability=keep_probability,
     )
+
+
+def _history_frame(rows: list[tuple]) -> pd.DataFrame:
+    """The history table; numeric columns even when no epoch ran."""
+    frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+    return frame if rows else frame.astype(np.float64)
+
+
+def _missed_targets(report: pd.DataFrame, pb: _Problem, max_error: float | None) -> list[str]:
+    """Names of fitted targets that are lost (estimate 0 for a non-zero target: -100 %) or
+    whose abs relative error exceeds ``max(max_error, tolerance)``."""
+    est, t = report["estimate"].to_numpy(), report["target"].to_numpy()
+    bad = (t != 0) & (np.abs(est) <= 1e-12 * np.abs(t))
+    if max_error is not None:
+        allowed = np.maximum(max_error, pb.em.tolerance) * (1 + 1e-9)
+        bad |= report["abs_rel_error"].to_numpy() > allowed
+    bad &= pb.fitted
+    return [pb.em.names[k] for k in np.flatnonzero(bad)]
+
+
+def _missed_message(report: pd.DataFrame, missed: list[str], max_error: float | None) -> str:
+    rows = report.set_index("name").loc[missed[:10], "rel_error"]
+    listed = ", ".join(f"{name} ({err:+.1%})" for name, err in rows.items())
+    more = f" and {len(missed) - 10} more" if len(missed) > 10 else ""
+    limit = "at -100 %" if max_error is None else f"at -100 % or off by more than {max_error:g}"
+    return (
+        f"{len(missed)} fitted target(s) {limit} (relative): {listed}{more}; see "
+        "report / info['missed_targets']"
+    )
+
+
+def _ratio_summary(w: np.ndarray, ref: np.ndarray) -> dict[str, float] | None:
+    """min, quartiles and max of ``w / ref`` over records with both non-zero."""
+    use = (w != 0) & (ref > 0)
+    if not use.any():
+        return None
+    q = np.quantile(w[use] / ref[use], [0.0, 0.25, 0.5, 0.75, 1.0])
+    return dict(zip(("min", "q1", "median", "q3", "max"), q.tolist(), strict=True))
+
+
+def _check_bounds(bounds: Any) -> tuple[float, float] | None:
+    """``(lo, hi)`` with ``0 <= lo <= 1 <= hi``, ``lo < hi`` (hi may be inf), or None."""
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ParameterError(f"bounds must be a pair (lower, upper), got {bounds!r}") from None
+    if not (math.isfinite(lo) and 0 <= lo <= 1 <= hi and lo < hi) or math.isnan(hi):
+        raise ParameterError(
+            "bounds (lower, upper) on the weight ratio must satisfy 0 <= lower <= 1 <= upper "
+            f"and lower < upper, got ({lo:g}, {hi:g})"
+        )
+    return lo, hi
 
 
 @dataclass
@@ -846,8 +950,16 @@ def _select_and_refit(
     refit_l2: float | None,
     refit_anchor: str,
     refit_max_iter: int,
+    coverage_records: int = COVERAGE_RECORDS,
+    bounds: tuple[float, float] | None = None,
+    cover: Coverage | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Keep exactly ``k_goal`` records (or the open gates) and refit their weights.
+
+    With ``k_goal``, every fitted target keeps ``min(support, coverage_records)`` of its
+    supporting records (:mod:`l0calib.coverage`), in the top-K step and in the refit's
+    swaps. ``bounds`` are (lower, upper) bounds on the ratio of a final weight to its
+    inflated initial weight ``w0 * n / K``.
 
     Returns (final weights, trained weights of the kept records, refit info, keep scores).
     """
@@ -858,9 +970,16 @@ def _select_and_refit(
     scores = fit.keep_scores()
     rank = -np.where(fixed, np.inf, scores) if fixed is not None else -scores
     order = np.argsort(rank, kind="stable")
+    exchanged = 0
     if k_goal is not None:
         kept = np.zeros(n, dtype=bool)
         kept[order[:k_goal]] = True
+        if cover is None and coverage_records > 0 and k_goal < n:
+            need = coverage_needs(pb.em.support(), pb.fitted, coverage_records)
+            cover = Coverage(pb.em.matrix, need)
+        if cover is not None:
+            # Every fitted target keeps min(support, m) supporters (l0calib.coverage).
+            kept, exchanged = cover.cover(kept, order, fixed)
     else:
         kept = gated_w > 0  # lambda_l0 given, or no gates: the open test-time gates
     before = np.where(kept, gated_w, 0.0)
@@ -868,16 +987,49 @@ def _select_and_refit(
     if refit and kept.any():
         if refit_l2 is None:
             refit_l2 = _default_refit_l2(int(kept.sum()), n)
+        inflated = pb.w0 * (n / int(kept.sum()))
         if refit_anchor == "initial":
             # The kept records' initial weights, inflated to carry the dropped ones (a
             # Horvitz-Thompson expansion): measured to keep untargeted totals closer than
             # anchoring on the trained weights (docs/benchmarks.md).
-            base = pb.w0 * (n / int(kept.sum()))
+            base = inflated
+        ratio_bounds = None
+        if bounds is not None:
+            # Bounds are on w / inflated initial weight; the refit works in w / base.
+            per = inflated / np.maximum(base, 1e-300)
+            ratio_bounds = (bounds[0] * per, bounds[1] * per)
         weights_out, info = _refit_subset(
             pb, kept, base, refit_l2, refit_max_iter,
-            exact=k_goal is not None, order=order, fixed=fixed,
+            exact=k_goal is not None, order=order, fixed=fixed, coverage=cover,
+            ratio_bounds=ratio_bounds,
         )  # fmt: skip
+    if cover is not None:
+        info["coverage_exchanged"] = exchanged
+        info["coverage_short"] = [pb.em.names[k] for k in cover.short(weights_out != 0)]
     return weights_out, before, info, scores
+
+
+def _check_coverage(coverage: Any) -> int:
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, np.integer)) or coverage < 0:
+        raise ParameterError(f"coverage must be an integer >= 0, got {coverage!r}")
+    return int(coverage)
+
+
+def _warn_coverage(
+    pb: _Problem, cover: Coverage, k_goal: int, m: int, fixed: np.ndarray | None
+) -> None:
+    """Before training: warn when ``k_goal`` records look too few to keep
+    ``min(support, m)`` supporters of every fitted target (naming them)."""
+    n_fixed = 0 if fixed is None else int(fixed.sum())
+    at_risk = coverage_risk(cover, k_goal - n_fixed, pb.em.names, fixed)
+    if at_risk:
+        warnings.warn(
+            f"target_records={k_goal:,} may be too few to keep min(support, {m}) supporting "
+            f"records of every fitted target; {len(at_risk)} target(s) may end short: "
+            f"{', '.join(at_risk[:10])}{' ...' if len(at_risk) > 10 else ''}",
+            CoverageWarning,
+            stacklevel=3,
+        )
 
 
 def calibrate(
@@ -909,6 +1061,10 @@ def calibrate(
     callback: Callable[[Progress], bool | None] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     log_every: int = 10,
+    bounds: tuple[float, float] | None = None,
+    max_error: float | None = MAX_ERROR,
+    coverage: int = COVERAGE_RECORDS,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Calibrate weights to targets, optionally keeping exactly ``target_records`` records.
 
@@ -937,7 +1093,10 @@ def calibrate(
         *free* selection. ``info["selection"]`` says which (``"given"`` when passed); see
         ``docs/engine.md``.
     epochs : int, default 600
-        Training steps (each uses every record). The refit runs after them.
+        Training steps (each uses every record). The refit runs after them. Without gates
+        (no ``target_records`` below the number of records, no ``lambda_l0``) and with
+        ``refit_anchor="initial"`` training cannot change the result, so no epochs run:
+        the refit solves the problem directly (``history`` is then empty, ``n_iter`` 0).
     lr : float, default 0.05
         Adam learning rate for the log weight ratios and gate logits.
     loss : {"relative", "squared"}
@@ -965,7 +1124,8 @@ def calibrate(
         Smallest divisor of a relative error, in the target's units, so a target of 0
         does not divide by zero.
     refit : bool, default True
-        Refit the kept weights without gates (L-BFGS-B, float64, non-negative).
+        Refit the kept weights without gates (float64, non-negative; semismooth Newton in
+        target space, see :mod:`l0calib.refit`).
     refit_l2 : float, optional
         Refit: strength of the pull toward the anchor weights, ``mean((w / w_anchor -
         1)^2)``. Default 3e-4 after a balanced selection (see ``lambda_l2``), 1e-3 when
@@ -992,6 +1152,29 @@ def calibrate(
         A CSV log in microcalibrate's format (epoch, loss, target_name, target, estimate,
         error, abs_error, rel_abs_error), one block every ``log_every`` epochs.
     log_every : int, default 10
+    bounds : (float, float), optional
+        ``(lower, upper)`` bounds on the ratio of each final weight to its inflated
+        initial weight ``w0 * n / K`` (``w0`` without ``target_records``), with
+        ``0 <= lower <= 1 <= upper`` (upper may be ``inf``), as R survey's ``bounds``.
+        Training keeps ``exp(u)`` inside them; the refit solves within them. Tight bounds
+        can make targets unreachable (they are then reported as missed).
+    max_error : float or None, default 0.5
+        A fitted target whose abs relative error exceeds ``max(max_error, its
+        tolerance)``, or whose estimate is 0 for a non-zero target (-100 %), is *missed*:
+        named in a :class:`~l0calib.ConvergenceWarning`, listed in
+        ``info["missed_targets"]``, and ``converged`` is ``False``. ``None`` flags only
+        targets at -100 %.
+    coverage : int, default 3
+        With ``target_records``: every fitted target keeps at least ``min(support,
+        coverage)`` of the records that support it (non-zero entries in its row), in the
+        top-K step and in the refit's swaps (:mod:`l0calib.coverage`). 0 turns it off.
+        When ``target_records`` looks too small to cover every target, a
+        :class:`~l0calib.CoverageWarning` names them before training.
+    threads : int, optional
+        Threads for this fit (torch's and the BLAS libraries' together; capped at the
+        cores this process may use). Default: 1 below two million records and 20 million
+        non-zeros (robust on a busy machine), every core above (see
+        :mod:`l0calib.threads`). ``info["threads"]`` says how many ran.
 
     Returns
     -------
@@ -1038,58 +1221,91 @@ def calibrate(
             f"always_keep holds {int(fixed.sum()):,} records, more than target_records "
             f"({target_records:,})"
         )
+    bounds = _check_bounds(bounds)
+    if max_error is not None:
+        nonneg("max_error", max_error)
+    coverage = _check_coverage(coverage)
     k_goal = target_records
+    cover = None
+    if k_goal is not None and k_goal < n and coverage:
+        cover = Coverage(pb.em.matrix, coverage_needs(pb.em.support(), pb.fitted, coverage))
+        _warn_coverage(pb, cover, k_goal, coverage, fixed)
     gated = (k_goal is not None and k_goal < n) or bool(lambda_l0)
-    fit = _Fit(
-        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
-        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
-        fixed=fixed,
-    )  # fmt: skip
-    with _CsvLog(log_path) as log:
-        loop = _train(
-            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-            callback=callback, log=log, log_every=log_every,
+    n_threads = choose_threads(n, em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        fit = _Fit(
+            pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+            temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+            fixed=fixed, bounds=bounds,
         )  # fmt: skip
-        if callback is not None and loop.history:
-            # One "select" report: training is over, the selection and refit start.
-            h = loop.history[-1]
-            callback(Progress("select", loop.epoch, loop.epoch, *h[1:2], *h[3:8]))
-        weights_out, before, info, scores = _select_and_refit(
-            fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
-            refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
-        )  # fmt: skip
-        if log.path is not None:
-            log.write(loop.epoch + 1, float("nan"), em.names, em.values, em.estimates(weights_out))
+        # Without gates, a refit anchored on the initial weights solves the whole problem and
+        # nothing training does reaches the result: skip the epochs.
+        direct = not gated and refit and refit_anchor == "initial"
+        with _CsvLog(log_path) as log:
+            if direct:
+                loop = _Loop(epoch=0, survivors=float(n), start=float(n))
+            else:
+                loop = _train(
+                    fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                    callback=callback, log=log, log_every=log_every,
+                )  # fmt: skip
+            if callback is not None and loop.history:
+                # One "select" report: training is over, the selection and refit start.
+                h = loop.history[-1]
+                callback(Progress("select", loop.epoch, loop.epoch, *h[1:2], *h[3:8]))
+            weights_out, before, info, scores = _select_and_refit(
+                fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
+                refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
+                coverage_records=coverage, bounds=bounds, cover=cover,
+            )  # fmt: skip
+            if log.path is not None:
+                final = em.estimates(weights_out)
+                log.write(loop.epoch + 1, float("nan"), em.names, em.values, final)
+            if direct and callback is not None:
+                # No epochs ran: the caller still hears of the (only) phase that did.
+                rel = np.abs(em.estimates(weights_out) - em.values)
+                rel /= np.maximum(np.abs(em.values), pb.scale_floor)
+                rel = rel[pb.fitted]
+                callback(Progress(
+                    "refit", 0, 0, float(info.get("refit_objective", math.nan)),
+                    float(rel.mean()), float(rel.max()), float(n), None, 0.0,
+                ))  # fmt: skip
 
-    before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
-    before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
-    info.update(
-        {
-            "target_records": target_records,
-            "selection": selection,
-            "lambda_l2": lambda_l2,
-            "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
-            "gate_shift_final": loop.shift,
-            "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
-            "max_abs_rel_error_before_refit": float(before_fitted.max()),
-            "device": str(dev),
-            "dtype": str(tdtype).removeprefix("torch."),
-        }
-    )
-    return _result(
-        pb,
-        weights_out,
-        tol=tol,
-        converged=bool(info["refit_converged"]),
-        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-        n_iter=loop.epoch,
-        start=start,
-        seed=seed,
-        method="l0",
-        info=info,
-        keep_probability=scores,
-    )
+        before_err = target_report(em, before, pb.holdout, scale_floor=scale_floor)
+        before_fitted = before_err.loc[pb.fitted, "abs_rel_error"]
+        info.update(
+            {
+                "target_records": target_records,
+                "selection": selection,
+                "lambda_l2": lambda_l2,
+                "lambda_l0_final": fit.lambda_l0 if k_goal is None else None,
+                "gate_shift_final": loop.shift,
+                "mean_abs_rel_error_before_refit": float(before_fitted.mean()),
+                "max_abs_rel_error_before_refit": float(before_fitted.max()),
+                "device": str(dev),
+                "dtype": str(tdtype).removeprefix("torch."),
+                "threads": n_threads,
+                "bounds": list(bounds) if bounds is not None else None,
+                "weight_ratio_inflated": _ratio_summary(
+                    weights_out, pb.w0 * (n / max(int(np.count_nonzero(weights_out)), 1))
+                ),
+            }
+        )
+        return _result(
+            pb,
+            weights_out,
+            tol=tol,
+            converged=bool(info["refit_converged"]),
+            not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+            history=_history_frame(loop.history),
+            n_iter=loop.epoch,
+            start=start,
+            seed=seed,
+            method="l0",
+            info=info,
+            keep_probability=scores,
+            max_error=max_error,
+        )
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -1110,11 +1326,15 @@ def refit(
     tol: float | None = None,
     max_iter: int = 2000,
     keep_all: bool = False,
+    bounds: tuple[float, float] | None = None,
+    max_error: float | None = MAX_ERROR,
+    threads: int | None = None,
 ) -> CalibrationResult:
     """Reweight a chosen subset of records so the targets hold (no gates, no training).
 
     Minimises the engine's fit loss plus ``lambda_l2 * mean((w / w_start - 1)^2)`` over
-    non-negative weights of the ``keep`` records (L-BFGS-B, float64); the others get 0.
+    non-negative weights of the ``keep`` records (float64, solved in target space by
+    :func:`l0calib.refit.solve_ratios`); the others get 0.
     This is the engine's refit step on its own: use it for a sample drawn some other way
     (for example at random, as a baseline).
 
@@ -1130,10 +1350,21 @@ def refit(
     holdout, lambda_l2, normalize_groups, loss, scale_floor, tol
         As for :func:`calibrate`.
     max_iter : int, default 2000
+        Most solver iterations (Newton steps; usually under 10). Stopping at the cap warns
+        with :class:`~l0calib.ConvergenceWarning` and sets ``converged=False``.
     keep_all : bool, default False
         Hold every kept record's weight at or above ``1e-4`` times its starting weight, so
         exactly the ``keep`` records have non-zero weights (as the engine does for
         ``target_records``). Otherwise a record may end at 0 if that fits best.
+    bounds : (float, float), optional
+        ``(lower, upper)`` bounds on ``w / weights`` (the ratio to the starting weights,
+        which for a drawn sample are its inflated initial weights), ``0 <= lower <= 1 <=
+        upper``.
+    max_error : float or None, default 0.5
+        As for :func:`calibrate`: missed targets are warned about, listed in
+        ``info["missed_targets"]`` and make ``converged`` False.
+    threads : int, optional
+        As for :func:`calibrate` (the refit's factorisations use the BLAS threads).
 
     Returns
     -------
@@ -1150,19 +1381,31 @@ def refit(
         raise ParameterError("keep selects no record")
     positive_int("max_iter", max_iter)
     nonneg("lambda_l2", lambda_l2)
-    w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all)
+    bounds = _check_bounds(bounds)
+    if max_error is not None:
+        nonneg("max_error", max_error)
+    n = pb.em.n_records
+    rb = None if bounds is None else (np.full(n, bounds[0]), np.full(n, bounds[1]))
+    n_threads = choose_threads(int(mask.sum()), pb.em.matrix.nnz, threads)
+    with limit_threads(n_threads):
+        w, info = _refit_subset(pb, mask, pb.w0, lambda_l2, max_iter, exact=keep_all,
+                                ratio_bounds=rb)  # fmt: skip
+    info["threads"] = n_threads
+    info["bounds"] = list(bounds) if bounds is not None else None
+    info["weight_ratio_inflated"] = _ratio_summary(w, pb.w0)
     return _result(
         pb,
         w,
         tol=tol,
         converged=info["refit_converged"],
         not_converged_reason=f"the refit did not converge: {info['refit_message']}",
-        history=pd.DataFrame(columns=list(HISTORY_COLUMNS)),
+        history=_history_frame([]),
         n_iter=info["refit_iterations"],
         start=start,
         seed=0,
         method="refit",
         info=info,
+        max_error=max_error,
     )
 
 
@@ -1253,3 +1496,7 @@ def check_options(n_records: int, **options: Any) -> None:
     )  # fmt: skip
     _resolve_device(given["device"])
     _resolve_dtype(given["dtype"])
+    _check_bounds(given["bounds"])
+    if given["max_error"] is not None:
+        nonneg("max_error", given["max_error"])
+    _check_coverage(given["coverage"])

@@ -156,6 +156,50 @@ def _draw(
     return households, persons, design_weight
 
 
+def _rare_columns(
+    rng: np.random.Generator, households: pd.DataFrame, n_sample: int, *, respondents: bool
+) -> None:
+    """Add ``capital_gains`` and ``housing_aid`` (in place): rare by construction.
+
+    About 15 sample households (at any sample size) have capital gains above $500,000,
+    and the population has twice as many per household (the rich respond less), so that
+    band's targets are about twice its design-weighted total in the sample; about 20
+    sample households receive housing aid (under-reported by 10 %).
+    """
+    n = len(households)
+    p_top = 15.0 / n_sample * (1.0 if respondents else 2.0)
+    top = rng.random(n) < p_top
+    gains = np.where(top, 500_000 + rng.lognormal(13.0, 0.6, size=n), 0.0)
+    small = rng.random(n) < 0.05
+    gains = np.where(~top & small, rng.lognormal(8.0, 1.5, size=n), gains).round(0)
+    p_aid = 20.0 / n_sample * (1.0 if respondents else 1.1)
+    aid = np.where(rng.random(n) < p_aid, rng.gamma(3.0, 2_000.0, size=n), 0.0).round(0)
+    households["capital_gains"] = gains
+    households["housing_aid"] = aid
+
+
+def _rare_rows(disagreement: float, full: bool) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+
+    def add(name: str, variable: str, filt: str, entity: str, group: str) -> None:
+        rows.append(
+            {"name": name, "variable": variable, "filter": filt, "entity": entity, "group": group}
+        )
+
+    add("cg_top_households", "", "capital_gains > 500000", "household", "top_capital_gains")
+    add("cg_top_amount", "capital_gains", "capital_gains > 500000", "household",
+        "top_capital_gains")  # fmt: skip
+    add("housing_aid_households", "", "housing_aid > 0", "household", "housing_aid")
+    add("housing_aid_amount", "housing_aid", "housing_aid > 0", "household", "housing_aid")
+    for s in ("WY", "VT", "DC") if not full else ():  # else among the state x age targets
+        add(f"pop_{s}_65plus", "", f'state == "{s}" and age >= 65', "person", "small_states")
+    if disagreement:
+        # Second sources for national totals: they disagree with the state sums.
+        add("households_total_admin", "", "", "household", "admin_totals")
+        add("persons_total_admin", "", "", "person", "admin_totals")
+    return rows
+
+
 def _target_rows(full: bool) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
 
@@ -207,6 +251,8 @@ def synthetic_survey(
     *,
     state_age_targets: bool | None = None,
     perturbation: float = 0.02,
+    rare_targets: bool = False,
+    disagreement: float = 0.0,
 ) -> SyntheticSurvey:
     """Draw a CPS-like synthetic survey with persons, initial weights and targets.
 
@@ -223,6 +269,17 @@ def synthetic_survey(
         are 236 targets; with them, 491.
     perturbation : float, default 0.02
         Relative standard deviation of the noise applied to each population total.
+    rare_targets : bool, default False
+        Add targets few records support, as in real target sets: households with capital
+        gains above $500,000 (count and amount; about 15 sample households at any size,
+        the target about twice their design-weighted total), a small benefit program
+        (``housing_aid``: count and amount, about 20 households), and persons aged 65+ in
+        the three smallest states (9 more targets; columns ``capital_gains`` and
+        ``housing_aid``).
+    disagreement : float, default 0.0
+        With ``rare_targets``: add second-source national totals of households and persons
+        whose values are ``1 + disagreement`` and ``1 - disagreement`` times the population
+        totals, so they disagree slightly with the state targets (2 more targets).
 
     Returns
     -------
@@ -239,9 +296,14 @@ def synthetic_survey(
     if perturbation < 0 or not np.isfinite(perturbation):
         raise ParameterError(f"perturbation must be finite and >= 0, got {perturbation!r}")
     full = n_households >= 20_000 if state_age_targets is None else bool(state_age_targets)
+    if disagreement and not rare_targets:
+        raise ParameterError("disagreement needs rare_targets=True")
     seq = np.random.SeedSequence(seed)
-    state_rng, sample_rng, pop_rng, weight_rng, target_rng = (
-        np.random.default_rng(s) for s in seq.spawn(5)
+    # The sixth stream (rare targets) leaves the first five, and so the default survey,
+    # unchanged.
+    children = seq.spawn(6)
+    state_rng, sample_rng, pop_rng, weight_rng, target_rng, rare_rng = (
+        np.random.default_rng(s) for s in children
     )
     # Relative income level of each state, shared by the sample and the population.
     state_income = np.exp(np.linspace(-0.15, 0.15, len(STATES))[state_rng.permutation(len(STATES))])
@@ -256,11 +318,23 @@ def synthetic_survey(
     pop_hh, pop_persons, pop_w = _draw(pop_rng, n_pop, state_income, respondents=False)
 
     rows = _target_rows(full)
+    if rare_targets:
+        _rare_columns(rare_rng, households, n_households, respondents=True)
+        _rare_columns(rare_rng, pop_hh, n_households, respondents=False)
+        rows += _rare_rows(disagreement, full)
     spec = pd.DataFrame(rows).assign(value=1.0)
     pop_hh["household_weight"] = pop_w
     totals = build_estimate_matrix(pop_hh, spec, pop_persons).estimates(pop_w)
     noise = target_rng.normal(0.0, perturbation, size=len(rows))
     values = totals * (1.0 + noise)
+    if disagreement:
+        names = [r["name"] for r in rows]
+        values[names.index("households_total_admin")] = totals[
+            names.index("households_total_admin")
+        ] * (1 + disagreement)
+        values[names.index("persons_total_admin")] = totals[names.index("persons_total_admin")] * (
+            1 - disagreement
+        )
     targets = pd.DataFrame(rows)
     targets.insert(1, "value", np.round(values, 0))
     targets = targets[["name", "value", "variable", "filter", "entity", "group"]]

@@ -48,15 +48,20 @@ import torch.distributed as dist
 from l0calib._checks import positive_int
 from l0calib.calibrate import (
     HISTORY_COLUMNS,
+    MAX_ERROR,
     CalibrationResult,
     Progress,
+    _check_bounds,
+    _check_coverage,
     _check_options,
     _CsvLog,
     _default_refit_l2,
     _Fit,
+    _history_frame,
     _Loop,
     _Problem,
     _problem,
+    _ratio_summary,
     _refit_subset,
     _resolve_device,
     _resolve_dtype,
@@ -64,9 +69,11 @@ from l0calib.calibrate import (
     _selection_mode,
     _train,
 )
+from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs
 from l0calib.diagnostics import WeightDiagnostics
 from l0calib.exceptions import DataError, ParameterError
 from l0calib.targets import EstimateMatrix
+from l0calib.threads import available_cores, choose_threads, limit_threads
 
 __all__ = ["calibrate_shard", "load_shard", "shard_bounds"]
 
@@ -290,13 +297,18 @@ def calibrate_shard(
     checkpoint_every: int = 100,
     resume: bool = False,
     fingerprint: dict[str, str] | None = None,
+    threads: int | None = None,
     group: Any = None,
+    bounds: tuple[float, float] | None = None,
+    max_error: float | None = MAX_ERROR,
+    coverage: int = COVERAGE_RECORDS,
 ) -> CalibrationResult:
     """:func:`l0calib.calibrate` on this rank's block of records, under a process group.
 
     Every rank calls it with its own contiguous block; options must be the same on every
     rank. Options are those of :func:`l0calib.calibrate` (``refit_anchor`` is "initial",
-    ``always_keep`` is not offered), plus:
+    ``always_keep`` is not offered; the coverage guarantee holds as in a single process,
+    but no :class:`~l0calib.CoverageWarning` is given before training), plus:
 
     Parameters
     ----------
@@ -315,6 +327,10 @@ def calibrate_shard(
         What the run depends on (input file hashes, options), saved in every checkpoint;
         resuming with a different one is a :class:`DataError` naming the differing keys.
         A truncated or foreign checkpoint is a :class:`DataError` naming the file.
+    threads : int, optional
+        Threads for this rank (as for :func:`l0calib.calibrate`), at most the available
+        cores divided by the number of ranks on this machine (``LOCAL_WORLD_SIZE`` under
+        torchrun, else every rank).
     group : process group, optional
         Default: the default group.
 
@@ -349,62 +365,81 @@ def calibrate_shard(
     if empty:
         raise ParameterError(f"{len(empty)} fitted target(s) have no record contributing: "
                              f"{', '.join(empty[:5])}")  # fmt: skip
+    bounds = _check_bounds(bounds)
+    coverage = _check_coverage(coverage)
+    if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
+        raise ParameterError(f"max_error must be a number >= 0, got {max_error!r}")
+    need = coverage_needs(support, pb.fitted, coverage)
     dev, tdtype = _resolve_device(device), _resolve_dtype(dtype)
     selection, lambda_l2, refit_l2 = _selection_mode(
         target_records, n_total, int(pb.fitted.sum()), lambda_l2, refit_l2
     )
     k_goal = target_records
     gated = (k_goal is not None and k_goal < n_total) or bool(lambda_l0)
-    fit = _Fit(
-        pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
-        temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
-        reduce=comm.reduce, n_total=n_total, index_offset=int(offset),
-    )  # fmt: skip
-    ckpt = None
-    if checkpoint_dir is not None:
-        ckpt = Path(checkpoint_dir) / f"rank{comm.rank}.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    state = None
-    if resume:
-        if ckpt is None or not ckpt.exists():
-            raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
-        state = _load(ckpt, fit, fingerprint)
-    with _CsvLog(log_path if comm.rank == 0 else None) as log:
-        loop = _train(
-            fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
-            callback=callback, log=log, log_every=log_every, resume=state,
-            checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint)) if ckpt is not None else None,
-            checkpoint_every=checkpoint_every,
+    n_threads = choose_threads(n, em.matrix.nnz, threads)
+    # The ranks on this machine share its cores: no more busy threads than cores in all
+    # (torchrun says how many ranks run here; local workers are all here).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", comm.world))
+    n_threads = min(n_threads, max(1, available_cores() // max(local, 1)))
+    with limit_threads(n_threads):
+        fit = _Fit(
+            pb, gated=gated, lambda_l0=float(lambda_l0 or 0.0), lambda_l2=lambda_l2, lr=lr,
+            temperature=temperature, init_keep=init_keep, seed=seed, device=dev, dtype=tdtype,
+            reduce=comm.reduce, n_total=n_total, index_offset=int(offset), bounds=bounds,
         )  # fmt: skip
-        weights_out, info = _select_and_refit_shard(
-            comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
-            refit_l2=refit_l2, refit_max_iter=refit_max_iter,
-        )  # fmt: skip
-        estimates = _global_estimates(comm, em, weights_out)
-        if log.path is not None:
-            log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
-    info.update({
-        "target_records": target_records, "gate_shift_final": loop.shift,
-        "selection": selection, "lambda_l2": lambda_l2,
-        "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
-        "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
-    })  # fmt: skip
-    return _result(
-        pb,
-        weights_out,
-        tol=tol,
-        converged=bool(info["refit_converged"]),
-        not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
-        history=pd.DataFrame(loop.history, columns=list(HISTORY_COLUMNS)),
-        n_iter=loop.epoch,
-        start=start_time,
-        seed=seed,
-        method="l0-sharded",
-        info=info,
-        keep_probability=fit.keep_scores(),
-        estimates=estimates,
-        diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
-    )
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = Path(checkpoint_dir) / f"rank{comm.rank}.pt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = None
+        if resume:
+            if ckpt is None or not ckpt.exists():
+                raise ParameterError(f"resume=True but there is no checkpoint {ckpt}")
+            state = _load(ckpt, fit, fingerprint)
+        with _CsvLog(log_path if comm.rank == 0 else None) as log:
+            if not gated and refit:
+                # As in calibrate(): without gates the refit (anchored on the initial weights)
+                # solves the whole problem and training cannot change it.
+                loop = _Loop(epoch=0, survivors=float(n_total), start=float(n_total))
+            else:
+                loop = _train(
+                    fit, pb, epochs=epochs, k_goal=k_goal if gated else None, patience=patience,
+                    callback=callback, log=log, log_every=log_every, resume=state,
+                    checkpoint=(lambda st: _save(ckpt, fit, st, fingerprint))
+                    if ckpt is not None else None,
+                    checkpoint_every=checkpoint_every,
+                )  # fmt: skip
+            weights_out, info = _select_and_refit_shard(
+                comm, fit, pb, k_goal, loop.survivors, offset=int(offset), refit=refit,
+                refit_l2=refit_l2, refit_max_iter=refit_max_iter, need=need, bounds=bounds,
+            )  # fmt: skip
+            estimates = _global_estimates(comm, em, weights_out)
+            if log.path is not None:
+                log.write(loop.epoch + 1, float("nan"), em.names, em.values, estimates)
+        info.update({
+            "target_records": target_records, "gate_shift_final": loop.shift,
+            "selection": selection, "lambda_l2": lambda_l2,
+            "rank": comm.rank, "world_size": comm.world, "offset": int(offset),
+            "threads": n_threads, "device": str(dev), "dtype": str(tdtype).removeprefix("torch."),
+            "bounds": list(bounds) if bounds is not None else None,
+        })  # fmt: skip
+        return _result(
+            pb,
+            weights_out,
+            tol=tol,
+            converged=bool(info["refit_converged"]),
+            not_converged_reason=f"the refit did not converge: {info.get('refit_message', '')}",
+            history=_history_frame(loop.history),
+            n_iter=loop.epoch,
+            start=start_time,
+            seed=seed,
+            method="l0-sharded",
+            info=info,
+            keep_probability=fit.keep_scores(),
+            estimates=estimates,
+            diagnostics=_reduced_diagnostics(comm, weights_out, pb.w0),
+            max_error=max_error,
+        )
 
 
 def _global_estimates(comm: _Comm, em: EstimateMatrix, w: np.ndarray) -> np.ndarray:
@@ -415,6 +450,7 @@ def _global_estimates(comm: _Comm, em: EstimateMatrix, w: np.ndarray) -> np.ndar
 def _select_and_refit_shard(
     comm: _Comm, fit: _Fit, pb: _Problem, k_goal: int | None, survivors: float, *,
     offset: int, refit: bool, refit_l2: float | None, refit_max_iter: int,
+    need: np.ndarray, bounds: tuple[float, float] | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
     n_total = fit.n_total
     gated_w, _ = fit.trained_weights(n_total / max(survivors, 1.0))
@@ -435,9 +471,22 @@ def _select_and_refit_shard(
     # so the outcome is the one a single process (with every record at hand) reaches.
     reserve = 0 if k_goal is None else min(n_total - k_goal, max(100, k_goal // 20))
     base = pb.w0 * (n_total / n_kept)
+    # Coverage (l0calib.coverage): the targets the global top-K leaves short of supporters
+    # bring each rank's best missing supporters of theirs into the pool, so every rank can
+    # make the single-process exchange on the pooled columns.
+    covering = k_goal is not None and k_goal < n_total and bool(need.any())
+    extra = np.zeros(fit.n, dtype=bool)
+    if covering:
+        local = Coverage(pb.em.matrix, need)
+        counts = comm.reduce(torch.tensor(local.counts(kept), dtype=torch.int64), "sum").numpy()
+        for k in np.flatnonzero(counts < local.need):
+            sup = local._records_of(int(k))
+            cand = sup[~kept[sup]]
+            cand = cand[np.lexsort((cand, -scores[cand]))][: int(local.need[k] - counts[k])]
+            extra[cand] = True
     while True:
         pool = kept if reserve == 0 else _top_k(scores, k_goal + reserve, offset, comm)  # type: ignore[operator]
-        m, gidx, w0, sc, b = _stack_kept(comm, pb, pool, offset, scores, base)
+        m, gidx, w0, sc, b = _stack_kept(comm, pb, pool | extra, offset, scores, base)
         sub_em = EstimateMatrix(
             matrix=m, names=pb.em.names, values=pb.em.values, groups=pb.em.groups,
             importance=pb.em.importance, tolerance=pb.em.tolerance, weights=w0,
@@ -447,12 +496,23 @@ def _select_and_refit_shard(
         order = np.lexsort((gidx, -sc))  # best first, ties to the lower global index
         sub_kept = np.zeros(gidx.size, dtype=bool)
         sub_kept[order[:n_kept]] = True
+        cover, exchanged = None, 0
+        if covering:
+            cover = Coverage(m, need)
+            sub_kept, exchanged = cover.cover(sub_kept, order)
+        rb = None if bounds is None else (np.full(gidx.size, bounds[0]),
+                                          np.full(gidx.size, bounds[1]))  # fmt: skip
         w_sub, info = _refit_subset(sub, sub_kept, b, refit_l2, refit_max_iter,
-                                    exact=k_goal is not None, order=order)  # fmt: skip
+                                    exact=k_goal is not None, order=order, coverage=cover,
+                                    ratio_bounds=rb)  # fmt: skip
         if reserve == 0 or info["refit_swaps"] < reserve or reserve >= n_total - k_goal:  # type: ignore[operator]
             break
         reserve = min(n_total - k_goal, 4 * reserve)  # type: ignore[operator]
-    info.update(prior, refit_reserve=reserve)
+    info.update(prior, refit_reserve=reserve,
+                weight_ratio_inflated=_ratio_summary(w_sub, b))  # fmt: skip
+    if cover is not None:
+        info["coverage_exchanged"] = exchanged
+        info["coverage_short"] = [pb.em.names[k] for k in cover.short(w_sub != 0)]
     mine = (gidx >= offset) & (gidx < offset + fit.n)
     out = np.zeros(fit.n)
     out[gidx[mine] - offset] = w_sub[mine]

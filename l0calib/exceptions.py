@@ -13,7 +13,9 @@ Python conventions keeps working::
     └── OutputError                  an output cannot be written: it exists, it is also an
                                      input or another output, or the file system refused
 
-    ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance
+    ConvergenceWarning(UserWarning)  a fit finished without reaching the requested tolerance,
+                                     or with targets missed by far
+    CoverageWarning(UserWarning)     the record count asked for may not cover every target
 
 Messages say what is wrong, where (file, row, column, target name), what was found and
 what was expected. They never include microdata values beyond what is needed to locate
@@ -25,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "L0CalibError",
     "OutputError",
@@ -71,6 +74,11 @@ class CalibrationError(L0CalibError):
 
 class ConvergenceWarning(UserWarning):
     """A fit stopped before meeting the requested tolerance; results are still returned."""
+
+
+class CoverageWarning(UserWarning):
+    """Before training: the requested record count may be too small to keep enough
+    supporting records of every fitted target (the warning names them)."""
 
 
 class OutputError(L0CalibError):

@@ -536,7 +536,15 @@ class HybridGate(nn.Module):
             anchor = np.zeros(n)
             anchor[rand_idx] = design
             # Only the refit runs: pass on the engine options that concern it.
-            same = ("holdout", "normalize_groups", "loss", "scale_floor", "tol")
+            same = (
+                "holdout",
+                "normalize_groups",
+                "loss",
+                "scale_floor",
+                "tol",
+                "max_error",
+                "bounds",
+            )
             kw = {k: options[k] for k in same if k in options}
             if options.get("refit_l2") is not None:
                 kw["lambda_l2"] = options["refit_l2"]

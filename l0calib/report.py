@@ -130,6 +130,12 @@ def summary(
         "epochs_run": result.n_iter,
         "seed": result.seed,
         "converged": result.converged,
+        # Fitted targets at -100 % or beyond max_error (l0calib.calibrate), by name.
+        "missed_targets": list(info.get("missed_targets") or []),
+        "inflated_weight_ratio": info.get("weight_ratio_inflated"),
+        "refit_converged": info.get("refit_converged"),
+        "refit_iterations": info.get("refit_iterations"),
+        "refit_message": info.get("refit_message"),
         "method": result.method,
         "l0calib_version": __version__,
     }

@@ -88,6 +88,9 @@ class ShardedRun:
     extra: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, str] = field(default_factory=dict)
     progress: ProgressFactory | None = None
+    bounds: tuple[float, float] | None = None
+    max_error: float | None = 0.5
+    threads: int | None = None
 
 
 def holdout_names(
@@ -251,7 +254,8 @@ def run_rank(rank: int, world: int, run: ShardedRun) -> dict[str, Any] | None:
                 lr=run.lr, holdout=held, tol=run.tol, seed=run.seed, device=run.device,
                 dtype=run.dtype, callback=callback, log_path=run.log,
                 checkpoint_dir=run.checkpoint, checkpoint_every=run.checkpoint_every,
-                resume=run.resume, fingerprint=run.fingerprint,
+                resume=run.resume, fingerprint=run.fingerprint, bounds=run.bounds,
+                max_error=run.max_error, threads=run.threads,
             )  # fmt: skip
         kept = apply_weights(households, result, weight_column=run.weight_column)
         kept.index = kept.index + offset  # global row positions (for the text of CSV cells)

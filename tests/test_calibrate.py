@@ -187,7 +187,10 @@ def test_callback_sees_progress_and_can_stop() -> None:
 def test_log_file_in_microcalibrate_format(tmp_path: Path) -> None:
     a, t, w0 = consistent_problem(n_targets=3)
     path = tmp_path / "log.csv"
-    calibrate(a, t, weights=w0, epochs=25, log_path=path, log_every=10, patience=1000)
+    calibrate(
+        a, t, weights=w0, epochs=25, log_path=path, log_every=10, patience=1000,
+        refit_anchor="trained",  # without gates, an "initial" anchor skips training
+    )  # fmt: skip
     log = pd.read_csv(path)
     assert list(log.columns) == list(LOG_COLUMNS)
     assert sorted(log["epoch"].unique().tolist()) == [1, 10, 20, 26]  # 26: after the refit

@@ -20,6 +20,11 @@ from .conftest import FIXTURES, ROOT
 # A wide terminal, so rich tables do not fold the text the tests look for.
 runner = CliRunner(env={"COLUMNS": "250"})
 SURVEY = FIXTURES / "survey_5k"
+# The fits below are deliberately tiny (30-60 epochs, 300 of 5,000 households) because
+# these tests are about the files written. Such fits leave a few state totals 70-100 % off,
+# which by default exits with 3 naming them (pinned in tests/test_coverage.py); here the
+# threshold is raised past them.
+TINY_FIT = ["--max-error", "2"]
 TINY = FIXTURES / "tiny"
 
 
@@ -44,9 +49,13 @@ def test_reweight_writes_exact_count_and_consistent_totals(
     monkeypatch.chdir(tmp_path)
     hh, people, targets = _copy_inputs(tmp_path, fmt_in)
     out = tmp_path / f"small.{fmt_out}"
+    # A 60-epoch fit (for speed) at 400 of 5,000 records leaves two state income totals
+    # 65-77 % off, which by default exits with 3 (tests/test_coverage.py); this test is
+    # about the files written, so it raises --max-error past them.
     result = runner.invoke(app, [
         "reweight", str(hh), str(targets), "--persons", str(people), "--target-records", "400",
         "--epochs", "60", "-o", str(out), "--holdout", "snap_hh_CA,snap_hh_TX", "--quiet",
+        "--max-error", "0.9",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout == ""  # --quiet
@@ -244,13 +253,17 @@ def test_reweight_warns_about_infeasible_targets(tmp_path: Path) -> None:
         "reweight", str(TINY / "households.csv"), str(bad), "--persons", str(TINY / "persons.csv"),
         "--epochs", "5", "-o", str(tmp_path / "o.csv"),
     ])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    # The conflict leaves a target about 66 % off after the fit: it is named as missed
+    # and the run exits with 3 (outputs written).
+    assert result.exit_code == 3, result.output
+    assert "missed by far" in result.stderr
     assert "Warning: the targets cannot all be met" in result.stderr
     assert "Warning: households_CA (320) is below" in result.stderr or (
         "Warning: more_CA (999) is above" in result.stderr
     )
 
 
+@pytest.mark.slow  # a full reweight in a fresh process
 def test_installed_script_runs_reweight(tmp_path: Path) -> None:
     script = shutil.which("l0calib", path=str(ROOT / ".venv" / "bin")) or shutil.which("l0calib")
     if script is None:
@@ -316,7 +329,13 @@ def test_select_hybrid_writes_exact_split(
         "0.4", "--random-fraction", "0.6", "--persons", str(people), "--stratify", "state",
         "--epochs", "60", "-o", str(out), "--quiet",
     ])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    # 120 L0 records around 180 drawn ones are too few to keep 3 supporters of every
+    # target: four small states' SNAP counts end at -100 %, are named, and the run exits
+    # with 3; the outputs are still written.
+    assert result.exit_code == 3, result.output
+    assert "snap_hh_ND" in result.stderr
+    summary = json.loads((tmp_path / "sel_report" / "summary.json").read_text())
+    assert "snap_hh_ND" in summary["missed_targets"]
     sel = _read(out)
     assert len(sel) == 300
     assert sel["selection"].value_counts().to_dict() == {"random": 180, "l0": 120}
@@ -390,7 +409,10 @@ def _entity_tables(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "tu.csv", tmp_path / "spm.parquet"
 
 
-@pytest.mark.parametrize("command", ["reweight", "select", "reweight --nproc 2"])
+@pytest.mark.parametrize(
+    "command",
+    ["reweight", "select", pytest.param("reweight --nproc 2", marks=pytest.mark.slow)],
+)
 def test_entities_follow_the_kept_households(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
@@ -400,7 +422,7 @@ def test_entities_follow_the_kept_households(
     args = [str(SURVEY / "households.parquet")]
     if command == "reweight":
         args += [str(SURVEY / "targets.csv"), "--persons", str(SURVEY / "persons.parquet"),
-                 "--target-records", "300", "--epochs", "30"]  # fmt: skip
+                 "--target-records", "300", "--epochs", "30", *TINY_FIT]  # fmt: skip
     else:
         args += ["--target-records", "300"]
     result = runner.invoke(app, [
@@ -441,6 +463,7 @@ def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 # ---------------------------------------------------------------------------- --nproc
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_write_what_one_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -448,7 +471,7 @@ def test_two_processes_write_what_one_writes(
     monkeypatch.chdir(tmp_path)
     common = [str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"), "--persons",
               str(SURVEY / "persons.parquet"), "--target-records", "300", "--epochs", "60",
-              "--dtype", "float64", "--holdout-fraction", "0.1", "--quiet"]  # fmt: skip
+              "--dtype", "float64", "--holdout-fraction", "0.1", "--quiet", *TINY_FIT]  # fmt: skip
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     one = runner.invoke(app, ["reweight", *common, "-o", "one/out.parquet"])
@@ -467,13 +490,14 @@ def test_two_processes_write_what_one_writes(
     assert (ra["holdout"] == rb["holdout"]).all()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     common = [str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"), "--persons",
               str(SURVEY / "persons.parquet"), "--target-records", "300", "--epochs", "40",
-              "--dtype", "float64", "--quiet", "--checkpoint", "ck",
+              "--dtype", "float64", "--quiet", *TINY_FIT, "--checkpoint", "ck",
               "--checkpoint-every", "20"]  # fmt: skip
     first = runner.invoke(app, ["reweight", *common, "-o", "a/out.parquet"])
     assert first.exit_code == 0, first.output
@@ -488,6 +512,7 @@ def test_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "needs --checkpoint DIR" in bad.output
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
@@ -500,6 +525,7 @@ def test_a_failing_worker_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "households_reweighted.parquet").exists()
 
 
+@pytest.mark.slow  # --nproc 2: worker processes
 def test_two_processes_find_rows_linked_to_no_household(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

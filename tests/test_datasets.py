@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from l0calib import ParameterError, build_estimate_matrix, synthetic_survey
+from l0calib.datasets import STATES
 
 
 def test_same_seed_same_data_other_seed_differs() -> None:
@@ -58,3 +59,22 @@ def test_bad_arguments() -> None:
         synthetic_survey(10)
     with pytest.raises(ParameterError, match="perturbation must be finite and >= 0"):
         synthetic_survey(1000, perturbation=-1.0)
+
+
+def test_rare_targets_are_rare_and_leave_the_default_survey_unchanged() -> None:
+    plain = synthetic_survey(2_000, seed=4)
+    rare = synthetic_survey(2_000, seed=4, rare_targets=True, disagreement=0.02)
+    pd.testing.assert_frame_equal(plain.targets, rare.targets.iloc[: len(plain.targets)])
+    pd.testing.assert_frame_equal(plain.persons, rare.persons)
+    assert len(rare.targets) == len(plain.targets) + 7 + 2
+    em = build_estimate_matrix(rare.households, rare.targets, rare.persons)
+    support = dict(zip(em.names, em.support(), strict=True))
+    assert 5 <= support["cg_top_households"] <= 30
+    assert 5 <= support["housing_aid_households"] <= 40
+    est = dict(zip(em.names, em.estimates(em.weights), strict=True))
+    value = dict(zip(em.names, em.values, strict=True))
+    # The top band is under-represented: its target is well above the sample's total.
+    assert value["cg_top_households"] > 1.3 * est["cg_top_households"]
+    # Second-source totals disagree with the sum of the state targets.
+    states = sum(value[f"hh_{s}"] for s in STATES)
+    assert abs(value["households_total_admin"] / states - 1) > 0.005

@@ -89,6 +89,7 @@ def _run(tmp_path: Path, mode: str, k: int | None) -> tuple[np.ndarray, np.ndarr
     return w, np.load(tmp_path / "est.npy"), np.load(tmp_path / "hist.npy")
 
 
+@pytest.mark.slow  # two processes under torch.distributed
 @pytest.mark.parametrize("k", [300, None])
 def test_two_ranks_equal_one_process(tmp_path: Path, k: int | None) -> None:
     em, hold = _problem()
@@ -103,8 +104,13 @@ def test_two_ranks_equal_one_process(tmp_path: Path, k: int | None) -> None:
     assert np.allclose(hist, single.history["loss"], rtol=1e-9)
     if k is not None:
         assert int((w > 0).sum()) == k
+        # The coverage exchange and the guarded swaps ran, and agree across ranks.
+        assert single.info["coverage_exchanged"] > 0
+        assert single.info["refit_swaps_refused_for_coverage"] > 0
+        assert single.info["coverage_short"] == []
 
 
+@pytest.mark.slow  # two processes under torch.distributed
 def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -116,6 +122,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "ckpt" / "rank1.pt").exists()
 
 
+@pytest.mark.slow  # two processes under torch.distributed
 def test_a_dying_rank_fails_the_run(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="rank 1 lost"):
         _run(tmp_path, "die", 300)

@@ -174,6 +174,7 @@ def test_sample_gate_of_every_record_calibrates_all() -> None:
     assert np.allclose(A @ gate.weights_, [6.0, 4.0], rtol=1e-5)
 
 
+@pytest.mark.slow  # statistical
 def test_fitted_gate_beats_random_selection(survey: tuple) -> None:
     """Fixed seeds: the gate's 1,000 of 5,000 records, recalibrated, fit and predict the
     holdout better than each of three probability-proportional draws, refitted the same way."""
@@ -322,6 +323,7 @@ def _sparse_regression(seed: int, n: int = 300, p: int = 500, k: int = 10) -> tu
     return x, x @ beta + rng.standard_normal(n), true, beta
 
 
+@pytest.mark.slow  # statistical
 def test_feature_gate_recovers_a_sparse_support() -> None:
     x, y, true, beta = _sparse_regression(0)
     gate = FeatureGate(n_features=500, max_features=10).fit(x, y)
@@ -332,6 +334,7 @@ def test_feature_gate_recovers_a_sparse_support() -> None:
     assert resid.std() < 1.2  # noise sd is 1
 
 
+@pytest.mark.slow  # statistical
 def test_feature_gate_classification() -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((400, 40))

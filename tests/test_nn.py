@@ -166,6 +166,7 @@ def _train_digits(l2_lambda: float, epochs: int = 200) -> float:
     return float(model.layers[0].get_sparsity())
 
 
+@pytest.mark.slow  # statistical: trains a network
 def test_adding_l2_does_not_stop_pruning() -> None:
     """Fixed seeds, sklearn digits. The reference package's L2 on the gate logits pulled
     them toward zero and stopped pruning; here L2 only adds to the cost of open gates."""
@@ -234,6 +235,7 @@ def test_sparse_mlp_keeps_its_gate_logits_in_one_parameter() -> None:
     assert all(bool(bank.grad[a:b].abs().sum() > 0) for a, b in ((0, 12), (12, 22), (22, 28)))
 
 
+@pytest.mark.slow  # statistical: trains a network
 def test_sparsity_controller_holds_the_target_while_training() -> None:
     x, y = _digits()
     torch.manual_seed(0)

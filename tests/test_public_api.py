@@ -11,6 +11,7 @@ EXPECTED = {
     "CalibrationError",
     "CalibrationResult",
     "ConvergenceWarning",
+    "CoverageWarning",
     "DataError",
     "EstimateMatrix",
     "FeatureGate",
