@@ -80,6 +80,7 @@ def fixture_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return out
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_fixture_report_in_chromium(fixture_reports: dict[str, Path], tmp_path: Path) -> None:
     page = fixture_reports["reweight"] / "report.html"
@@ -122,6 +123,7 @@ def test_browser_watch_sees_errors_and_requests(tmp_path: Path) -> None:
     assert any("missingFunction" in line for line in run.console)
 
 
+@pytest.mark.slow
 def test_same_report_from_every_command(fixture_reports: dict[str, Path]) -> None:
     """reweight, calibrate and select write the same report; `l0calib report` redraws it
     byte for byte from the directory's files."""
