@@ -532,7 +532,8 @@ def _finish(outs: _Outputs, shown: dict | None, quiet: bool, tol: float | None =
         if s.get("refit_converged") is False:
             reason = f"the refit did not converge ({s.get('refit_message')})"
         _exit_for(bool(s["converged"]), s["max_abs_rel_error"] or float("nan"),
-                  s.get("missed_targets"), tol, reason)  # fmt: skip
+                  s.get("missed_targets"), tol, reason,
+                  outside=s.get("outside_tolerance"))  # fmt: skip
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
@@ -795,10 +796,17 @@ def _exit_for(
     missed: list[str] | None = None,
     tol: float | None = None,
     reason: str | None = None,
+    outside: list[str] | None = None,
 ) -> None:
-    """Exit code 3 (with a warning) when the fit missed the requested tolerance, left
-    fitted targets far off (named on the terminal) or its refit stopped short
-    (``reason``)."""
+    """Exit code 3 (with a warning) when the fit missed the requested tolerance (the
+    targets ``outside`` it named), left fitted targets far off (named on the terminal) or
+    its refit stopped short (``reason``)."""
+    if outside:
+        listed = ", ".join(outside[:20]) + (" ..." if len(outside) > 20 else "")
+        _say(
+            f"Warning: {len(outside)} fitted target(s) outside the requested tolerance: "
+            f"{listed}; see outside_tolerance in summary.json."
+        )
     if missed:
         listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
         _say(

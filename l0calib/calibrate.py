@@ -730,12 +730,18 @@ def _result(
         warnings.warn(_missed_message(report, missed, max_error), ConvergenceWarning, stacklevel=3)
     if tol is not None:
         allowed = np.maximum(tol, pb.em.tolerance[pb.fitted]) + 1e-12
-        outside = int((fitted_err > allowed).sum())
+        outside_mask = fitted_err > allowed
+        outside = int(outside_mask.sum())
         if outside:
             converged = False
+            names = report.loc[pb.fitted, "name"].to_numpy()[outside_mask]
+            order = np.argsort(-fitted_err[outside_mask], kind="stable")
+            info = {**info, "outside_tolerance": [str(n) for n in names[order]]}
+            listed = ", ".join(info["outside_tolerance"][:5]) + (" ..." if outside > 5 else "")
             warnings.warn(
                 f"{outside} of {fitted_err.size} fitted targets are outside the requested "
-                f"tolerance {tol:g} (largest abs relative error {fitted_err.max():.3g})",
+                f"tolerance {tol:g} (largest abs relative error {fitted_err.max():.3g}): "
+                f"{listed}",
                 ConvergenceWarning,
                 stacklevel=3,
             )

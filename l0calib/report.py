@@ -132,6 +132,8 @@ def summary(
         "converged": result.converged,
         # Fitted targets at -100 % or beyond max_error (l0calib.calibrate), by name.
         "missed_targets": list(info.get("missed_targets") or []),
+        # Fitted targets outside max(tol, their own tolerance) when a tol was given, worst first.
+        "outside_tolerance": list(info.get("outside_tolerance") or []),
         "inflated_weight_ratio": info.get("weight_ratio_inflated"),
         "refit_converged": info.get("refit_converged"),
         "refit_iterations": info.get("refit_iterations"),

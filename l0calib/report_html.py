@@ -414,10 +414,12 @@ def _size(n: Any) -> str:
 def _missed(s: dict[str, Any], t: pd.DataFrame) -> list[str]:
     """Fitted targets outside their tolerance: ``summary.json``'s ``missed_targets`` when
     the fit recorded it, else from ``targets.csv``'s ``within_tolerance``."""
-    if isinstance(s.get("missed_targets"), list):
-        return [str(m) for m in s["missed_targets"]]
     within = t["within_tolerance"].astype(str).str.lower()
-    return t.loc[~t["holdout"] & (within == "false"), "name"].astype(str).tolist()
+    outside = t.loc[~t["holdout"] & (within == "false"), "name"].astype(str).tolist()
+    # missed_targets holds the targets missed by far (max_error); --tol misses are in
+    # within_tolerance: the verdict names both.
+    recorded = [str(m) for m in s.get("missed_targets") or []]
+    return recorded + [n for n in outside if n not in set(recorded)]
 
 
 def _verdict(s: dict[str, Any], t: pd.DataFrame) -> str:
@@ -544,8 +546,21 @@ def _page(s: dict[str, Any], t: pd.DataFrame, h: pd.DataFrame, ratios: Any) -> s
         ("w / w0: min, quartiles, max",
          ", ".join(_num(v, ".3g") for v in [wr.get("min"), *(wr.get("quartiles") or []),
                                               wr.get("max")])),
-        ("bounds on w / w0", _e(s.get("bounds")) if s.get("bounds") else "none"),
     ]  # fmt: skip
+    inflated = s.get("inflated_weight_ratio") or {}
+    engine_bounds = (s.get("options") or {}).get("bounds") if not s.get("bounds") else None
+    if inflated:
+        # reweight --bounds applies to w / (w0 x records in / records out), not to w / w0.
+        weights_rows.append((
+            "w / inflated w0 (w0 × records in / out): min, quartiles, max",
+            ", ".join(_num(inflated.get(k), ".3g") for k in ("min", "q1", "median", "q3", "max")),
+        ))  # fmt: skip
+    if engine_bounds:
+        weights_rows.append(("bounds on w / inflated w0", _e(engine_bounds)))
+    else:
+        weights_rows.append(
+            ("bounds on w / w0", _e(s.get("bounds")) if s.get("bounds") else "none")
+        )
     split = s.get("selection_split") or {}
     title = f"l0calib report: {s.get('method', '')}, {n_in:,} → {n_out:,} records"
     sections = [

@@ -188,6 +188,18 @@ def test_missed_tolerance_exits_3_with_outputs(tmp_path: Path) -> None:
     assert len(pd.read_csv(out)) == 50
     summary = json.loads((tmp_path / "o_report" / "summary.json").read_text())
     assert summary["converged"] is False
+    # The targets outside the tolerance are named: on the terminal, in summary.json (worst
+    # first) and in the report's verdict.
+    outside = summary["outside_tolerance"]
+    targets = pd.read_csv(tmp_path / "o_report" / "targets.csv")
+    fitted = targets[~targets["holdout"]]
+    err = fitted["rel_error"].abs()
+    assert set(outside) == set(fitted.loc[err > 0.0001, "name"])
+    assert outside[0] == fitted.loc[err.idxmax(), "name"]
+    assert f"fitted target(s) outside the requested tolerance: {outside[0]}" in result.stderr
+    html = (tmp_path / "o_report" / "report.html").read_text()
+    assert f"{len(outside)} fitted target(s) outside tolerance" in html
+    assert "the final solve did not converge" not in html
 
 
 def test_check_reports_flags_and_exit_codes(tmp_path: Path) -> None:
