@@ -513,7 +513,10 @@ def _final_table(shown: dict) -> Table:
         table.add_row("holdout targets: mean abs rel error",
                       f"{s['holdout_mean_abs_rel_error']:.3%}")  # fmt: skip
     table.add_row("effective sample size (Kish)", f"{s['effective_sample_size']:,.0f}")
-    table.add_row("time", f"{s['seconds']:.1f} s")
+    if s.get("seconds_total") is not None:
+        table.add_row("time: fit / whole run", f"{s['seconds']:.1f} s / {s['seconds_total']:.1f} s")
+    else:
+        table.add_row("time: fit", f"{s['seconds']:.1f} s")
     for name, rel_error in shown["worst"]:
         table.add_row(escape(f"worst: {name}"), f"{rel_error:+.3%}")
     return table
@@ -779,7 +782,7 @@ def _parse_bounds(bounds: str | None) -> tuple[float, float] | None:
     try:
         lo, hi = (float(x) for x in bounds.split(","))
     except ValueError:
-        raise typer.BadParameter("expected two numbers: L,U", param_hint="--bounds") from None
+        raise typer.BadParameter("expected two numbers: LO,HI", param_hint="--bounds") from None
     return lo, hi
 
 
@@ -833,7 +836,7 @@ def calibrate_command(
     targets: Path = TARGETS,
     method: str = typer.Option("raking", "--method", help="raking, linear, logit or truncated."),
     bounds: str | None = typer.Option(
-        None, "--bounds", help="L,U bounds on w / w0 (needed by logit and truncated)."
+        None, "--bounds", help="LO,HI bounds on w / w0 (needed by logit and truncated)."
     ),
     output: Path | None = typer.Option(
         None,
@@ -1002,8 +1005,9 @@ def _warn_targets(em, quiet: bool, **options) -> None:
         _say(
             f"Note: {len(risks)} target(s) have so few supporting records that a uniform "
             f"draw of {k:,} of {em.n_records:,} would likely miss them (rarest: {rarest.name}, "
-            f"{rarest.support} records); the selection keeps supporters of every fitted "
-            f"target. `l0calib check --target-records {k}` lists them."
+            f"{rarest.support} record{'s' if rarest.support != 1 else ''}); the selection "
+            f"keeps supporters of every fitted target. `l0calib check --target-records {k}` "
+            "lists them."
         )
 
 

@@ -287,7 +287,7 @@ CASES = [
     Case("nproc-zero", [*R, "--nproc", "0"], 2, ("must be at least 1",)),
     Case("calibrate-method", [*C, "--method", "foo"], 1,
          ("method must be one of linear, raking, logit, truncated, got 'foo'",)),
-    Case("calibrate-bounds", [*C, "--bounds", "1"], 2, ("expected two numbers: L,U",)),
+    Case("calibrate-bounds", [*C, "--bounds", "1"], 2, ("expected two numbers: LO,HI",)),
     Case("select-l0-without-targets", [*S, "--l0-fraction", "0.5"], 2,
          ("the L0 part needs --targets",)),
     Case("check-missing", ["check", "nope.csv", "targets.csv"], 1, ("nope.csv: file not found",)),
