@@ -804,18 +804,16 @@ def _exit_for(
     """Exit code 3 (with a warning) when the fit missed the requested tolerance (the
     targets ``outside`` it named), left fitted targets far off (named on the terminal) or
     its refit stopped short (``reason``)."""
-    if outside:
-        listed = ", ".join(outside[:20]) + (" ..." if len(outside) > 20 else "")
-        _say(
-            f"Warning: {len(outside)} fitted target(s) outside the requested tolerance: "
-            f"{listed}; see outside_tolerance in summary.json."
-        )
-    if missed:
-        listed = ", ".join(missed[:20]) + (" ..." if len(missed) > 20 else "")
-        _say(
-            f"Warning: {len(missed)} fitted target(s) missed by far (at -100 % or beyond "
-            f"--max-error): {listed}; see missed_targets in summary.json."
-        )
+    for names, what, key in (
+        (outside, "outside the requested tolerance", "outside_tolerance"),
+        (missed, "missed by far (at -100 % or beyond --max-error)", "missed_targets"),
+    ):
+        if names:
+            listed = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            _say(
+                f"Warning: {len(names)} fitted target(s) {what}: {listed}; see {key} in "
+                "summary.json."
+            )
     if not converged:
         parts = [reason] if reason else []
         if (not missed and not reason) or (tol is not None and max_error > tol):
