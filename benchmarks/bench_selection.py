@@ -43,10 +43,13 @@ import numpy as np
 SEED = 0
 
 
-def build_problem(households: int):
+def build_problem(
+    households: int, seed: int = SEED, perturbation: float = 0.02, disagreement: float = 0.02
+):
     from l0calib import build_estimate_matrix, synthetic_survey
 
-    s = synthetic_survey(households, seed=SEED, rare_targets=True, disagreement=0.02)
+    s = synthetic_survey(households, seed=seed, rare_targets=True, perturbation=perturbation,
+                         disagreement=disagreement)  # fmt: skip
     em = build_estimate_matrix(s.households, s.targets, s.persons)
     return s, em
 
@@ -138,6 +141,15 @@ def choose_pull(em, hold, keep, epochs, split) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--households", type=int, default=5000)
+    p.add_argument("--survey-seed", type=int, default=SEED,
+                   help="seed of synthetic_survey (the data; default 0)")  # fmt: skip
+    p.add_argument("--perturbation", type=float, default=0.02,
+                   help="relative noise on each target (0: targets consistent with each other)")
+    p.add_argument("--disagreement", type=float, default=0.02,
+                   help="second-source national totals off by this much (0: none)")
+    p.add_argument("--floor", action="store_true",
+                   help="also refit every record with pull 1e-9: the least-squares floor of "
+                   "the engine's loss, below which no selection's refit can go")  # fmt: skip
     p.add_argument("--keep", type=int, default=1000)
     p.add_argument("--splits", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3)
@@ -167,7 +179,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    s, em = build_problem(args.households)
+    s, em = build_problem(args.households, args.survey_seed, args.perturbation, args.disagreement)
     k, n = args.keep, em.n_records
     variants = [v for v in args.variants.split(",") if v]
     aux = aux_problem(s, em, args.aux_importance) if any("aux" in v for v in variants) else None
@@ -178,6 +190,12 @@ def main() -> None:
         _, _, refit_l2 = _selection_mode(k, n, int((~hold).sum()), None, None)
         pull = args.refit_l2 if args.refit_l2 is not None else (
             refit_l2 if refit_l2 is not None else _default_refit_l2(k, n))  # fmt: skip
+        if args.floor:
+            from l0calib import refit
+
+            r = refit(em, np.ones(n, dtype=bool), holdout=hold, lambda_l2=1e-9, max_error=None)
+            f = figures(em, hold, r.weights, k)
+            runs.setdefault("all records, pull 1e-9 (floor)", []).append({"split": split, **f})
         for d in range(args.draws):
             f = figures(em, hold, random_refit(em, hold, k, d, pull), k)
             runs.setdefault("random + refit", []).append({"split": split, **f})
@@ -186,15 +204,19 @@ def main() -> None:
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 extra = {}
-                if "+" in v:  # e.g. aux+b0.3:3 (bounds) or aux+r0.01 (refit pull)
-                    v_base, opt = v.split("+", 1)
-                    if opt.startswith("b"):
+                # Options after "+", any number: bLO:HI (bounds), rX (refit pull), lX
+                # (training pull); e.g. aux+b0.3:3 or default+l0.03+r0.003.
+                v_base, *opts = v.split("+")
+                for opt in opts:
+                    if opt.startswith("l"):
+                        extra["lambda_l2"] = float(opt[1:])
+                    elif opt.startswith("b"):
                         lo, hi = (float(x) for x in opt[1:].split(":"))
                         extra["bounds"] = (lo, hi)
                     elif opt.startswith("r"):
                         extra["refit_l2"] = float(opt[1:])
-                else:
-                    v_base = v
+                    else:
+                        raise SystemExit(f"unknown option {opt!r} in variant {v}")
                 if v_base == "default":
                     r = engine(em, hold, k, seed, args.epochs, **extra)
                 elif v == "balanced":
@@ -228,7 +250,7 @@ def table(runs: dict[str, list[dict]], args) -> None:
                                                                         "fit_mean")}
         for sp in {r["split"] for r in rnd}
     }  # fmt: skip
-    print(f"\n{args.households:,} -> {args.keep:,}; {args.splits} splits x {args.seeds} seeds; "
+    print(f"\n{args.households:,} -> {args.keep:,} (survey seed {args.survey_seed}); {args.splits} splits x {args.seeds} seeds; "
           f"random: {args.draws} PPS draws per split")  # fmt: skip
     print("| method | runs | fitted mean | fitted max (worst run) | holdout mean | holdout "
           "minus random (paired, +- s.e.) | fitted mean / random's | Kish ESS / K (min) "
