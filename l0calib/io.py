@@ -132,7 +132,7 @@ def read_table(
         missing = _missing_columns(p, fmt, wanted) if wanted else []
         if missing:
             raise DataError(f"{p}: {_not_in_file(missing)}") from None
-        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc)}") from None
+        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc, p)}") from None
     missing = [c for c in columns or [] if c not in frame.columns]
     if missing:
         raise DataError(f"{p}: {_not_in_file(missing)}")
@@ -162,15 +162,16 @@ def count_rows(path: str | os.PathLike[str]) -> int:
         chunks = pd.read_csv(p, usecols=first, chunksize=1_000_000, encoding="utf-8-sig")
         return sum(len(c) for c in chunks)
     except Exception as exc:
-        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc)}") from None
+        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc, p)}") from None
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, p: Path) -> str:
     """What went wrong, in one line and without the file's name (the message says it
     first): an OSError's reason, else the first line of the library's message."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(exc).strip())
+    lines = text.replace(f" '{p}'", "").splitlines()
     head = lines[0] if lines else ""
     if isinstance(exc, (ValueError, KeyError)) and head:
         return head

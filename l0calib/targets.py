@@ -408,11 +408,12 @@ class EstimateMatrix:
         unknown = [n for n in wanted if n not in index]
         if unknown:
             hint = closest(unknown[0], self.names)
+            items = [repr(n) for n in unknown]
+            items[0] += f" (did you mean {hint!r}?)" if hint else ""
             raise TargetError(
-                f"unknown target name {unknown[0]!r}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-                + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
-            )
+                f"unknown target name {items[0]}" if len(items) == 1
+                else f"{len(items):,} unknown target names: {listed(items)}"
+            )  # fmt: skip
         mask = np.zeros(self.n_targets, dtype=bool)
         mask[[index[n] for n in wanted]] = True
         return mask
@@ -639,8 +640,8 @@ def _link_persons(
         rows = np.flatnonzero(bad)
         examples = ", ".join(repr(v) for v in pd.unique(keys.iloc[rows])[:_MAX_LISTED].tolist())
         raise DataError(
-            f"{label}: {len(rows):,} person{'s' if len(rows) != 1 else ''} point at households "
-            f"not in {hh_label} "
+            f"{label}: {len(rows):,} person{' points' if len(rows) == 1 else 's point'} at "
+            f"households not in {hh_label} "
             f"(column '{link}', {_rows(rows)}; ids {examples})"
         )
     return pos

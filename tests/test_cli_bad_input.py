@@ -9,6 +9,7 @@ fixture; its ``setup`` writes whatever broken file the case needs before the sna
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,20 @@ def _symlink(name: str, to: str) -> Callable[[Path], None]:
     return lambda d: (d / name).symlink_to(d / to)
 
 
+def _parquet(name: str, **changes: object) -> Callable[[Path], None]:
+    """Write ``name``: the tiny households as Parquet, some columns changed."""
+
+    def setup(d: Path) -> None:
+        pd.read_csv(d / "households.csv").assign(**changes).to_parquet(d / name)
+
+    return setup
+
+
+def _many_targets(n: int, variable: str) -> Callable[[Path], None]:
+    rows = "".join(f"t{i},1,{variable}\n" for i in range(n))
+    return _text("t2.csv", "name,value,variable\n" + rows)
+
+
 @dataclass
 class Case:
     id: str
@@ -89,6 +104,7 @@ class Case:
     code: int
     says: tuple[str, ...]
     setup: Callable[[Path], None] | None = None
+    lines: int | None = None  # at most this many lines of output
 
 
 T2 = ["reweight", "households.csv", "t2.csv", "--epochs", "3"]
@@ -203,6 +219,18 @@ CASES = [
          _hh(household_weight_initial=1.0)),
     Case("reserved-column-select", ["select", "h2.csv", "--target-records", "2"], 1,
          ("h2.csv: column 'selection' already exists",), _hh(selection="x")),
+    Case("microdata-parquet-negative-weight", ["reweight", "h2.parquet", "targets.csv"], 1,
+         ("h2.parquet: column 'household_weight' must be >= 0; negative in 1 row (data row 2)",),
+         _parquet("h2.parquet", household_weight=[1, -1, 2, 3, 4])),
+    Case("microdata-many-bad-rows", [*R[:1], "h2.csv", *R[2:]], 1,
+         ("h2.csv: column 'household_weight' must be >= 0; negative in 4 rows (data rows 1, 2, "
+          "3, 4)",), _hh(household_weight=[-1, -1, -1, -1, 4])),
+    Case("microdata-malformed-csv", ["reweight", "h2.csv", "targets.csv"], 1,
+         ("h2.csv: line 3: 4 fields where the header has 3 (malformed CSV)",),
+         _text("h2.csv", "household_id,household_weight,state\n1,2,CA\n2,3,NY,x\n")),
+    Case("microdata-unclosed-quote", ["reweight", "h2.csv", "targets.csv"], 1,
+         ("h2.csv: line 3: a quoted cell is never closed (malformed CSV)",),
+         _text("h2.csv", 'household_id,household_weight,state\n1,2,CA\n2,3,"NY\n')),
     Case("stratify-missing", [*S, "--stratify", "county"], 1,
          ("households.csv: --stratify column 'county' is not in the data",)),
     # -------------------------------------------------------------- persons and entities
@@ -217,7 +245,7 @@ CASES = [
          lambda d: pd.read_csv(d / "persons.csv").rename(
              columns={"person_household_id": "hh"}).to_csv(d / "p2.csv", index=False)),
     Case("persons-unknown-household", [*RNP, "--persons", "p2.csv"], 1,
-         ("p2.csv: 1 person point at households not in households.csv",
+         ("p2.csv: 1 person points at households not in households.csv",
           "(column 'person_household_id', data row 6; ids 99)"),
          lambda d: pd.read_csv(d / "persons.csv").assign(
              person_household_id=[1, 1, 2, 3, 3, 99]).to_csv(d / "p2.csv", index=False)),
@@ -272,12 +300,24 @@ CASES = [
          _text("t2.csv", "name,value,entity\na,5,house\n")),
     Case("targets-syntax", T2, 1, ("t2.csv: data row 1 ('a'): column 'filter': syntax error",),
          _text("t2.csv", "name,value,filter\na,5,state ==\n")),
+    Case("targets-one-problem-in-many-rows", T2, 1,
+         ("Error: t2.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more): column 'variable': "
+          "column 'incme' is not in the data (did you mean 'income'?)",),
+         _many_targets(102, "incme"), lines=1),
+    Case("targets-many-problems", T2, 1,
+         ("t2.csv: 8 problems:\n  - data row 1 ('a'): column 'value': 'x' is not a number\n",
+          "  - data row 5 ('e'): column 'value': 'x4' is not a number\n  - and 3 more\n"),
+         _text("t2.csv", "name,value\n" + "".join(f"{c},x{i or ''}\n"
+                                                  for i, c in enumerate("abcdefgh"))),
+         lines=7),
     # -------------------------------------------------------------- options
     Case("target-records-zero", [*R, "--target-records", "0"], 1,
          ("target_records must be between 1 and the number of records (5), got 0",)),
     Case("target-records-too-many", [*R, "--target-records", "99"], 1,
          ("target_records must be between 1 and the number of records (5), got 99",)),
     Case("holdout-unknown", [*R, "--holdout", "nosuch"], 1, ("unknown target name 'nosuch'",)),
+    Case("holdout-many-unknown", [*R, "--holdout", "a,b,c,d,e,f,g"], 1,
+         ("7 unknown target names: 'a', 'b', 'c', 'd', 'e' and 2 more",), lines=1),
     Case("holdout-both", [*R, "--holdout", "households", "--holdout-fraction", "0.1"], 2,
          ("give --holdout or --holdout-fraction, not both",)),
     Case("holdout-fraction-range", [*R, "--holdout-fraction", "1.5"], 2,
@@ -332,9 +372,37 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert fragment in result.output, result.output
     if case.code == 1:
         assert result.output.lstrip().startswith("Error: "), result.output
+        # The file is named once: never "t.csv: t.csv row 3".
+        where, _, rest = result.output.strip().removeprefix("Error: ").partition(": ")
+        assert not rest.startswith(where), result.output
+    if case.lines is not None:
+        assert len(result.output.strip().splitlines()) <= case.lines, result.output
     assert "Traceback" not in result.output
     assert not isinstance(result.exception, Exception) or isinstance(
         result.exception, SystemExit
     ), repr(result.exception)
     assert _snapshot(tmp_path) == before  # nothing written, nothing left, inputs unchanged
     assert not (tmp_path / "pwned").exists()
+
+
+def test_check_json_lists_every_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message shows one line for 102 rows with one problem; `check --json` gives every
+    row's problem to a program, on stdout, still with exit code 1."""
+    shutil.copy(TINY / "households.csv", tmp_path / "households.csv")
+    _many_targets(102, "incme")(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(
+        app, ["check", "households.csv", "t2.csv", "--json"]
+    )
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["file"] == "t2.csv"
+    assert out["error_type"] == "TargetError"
+    assert out["error"].startswith("t2.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more)")
+    assert len(out["problems"]) == 102
+    assert out["problems"][101] == (
+        "data row 102 ('t101'): column 'variable': column 'incme' is not in the data "
+        "(did you mean 'income'?)"
+    )
+    assert result.stderr.startswith("Error: t2.csv: data rows 1-102")
+    assert len(result.stderr.strip().splitlines()) == 1

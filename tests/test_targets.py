@@ -387,3 +387,59 @@ def test_missing_persons_table_is_one_line(tmp_path: Path) -> None:
     )
     assert len(info.value.problems) == 3
     assert info.value.problems[2].startswith("data row 3 ('old'): entity 'person' needs")
+
+
+def test_one_problem_in_many_rows_is_one_line(tmp_path: Path) -> None:
+    """102 rows using a column the data lacks: the message is one line naming the rows
+    (runs, the first names, how many more); ``problems`` keeps every row's problem."""
+    rows = "".join(f"t{i},1,incme\n" for i in range(102))
+    path = _targets_csv(tmp_path, "name,value,variable\n" + rows + "ok,1,income\n")
+    with pytest.raises(TargetError) as info:
+        build_estimate_matrix(tiny("households.csv"), path)
+    assert str(info.value) == (
+        "targets.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more): column 'variable': "
+        "column 'incme' is not in the data (did you mean 'income'?)"
+    )
+    assert info.value.where == "targets.csv"
+    assert len(info.value.problems) == 102
+    assert info.value.problems[0].startswith("data row 1 ('t0'): column 'variable'")
+
+
+def test_many_problems_are_listed_up_to_five(tmp_path: Path) -> None:
+    bad = "".join(f"n{i},v{i}\n" for i in range(7))  # 7 different problems
+    scattered = "".join(f"x{i},1,incme\n" if i % 2 else f"y{i},1\n" for i in range(6))
+    path = _targets_csv(tmp_path, "name,value,variable\n" + bad.replace("\n", ",\n") + scattered)
+    with pytest.raises(TargetError) as info:
+        build_estimate_matrix(tiny("households.csv"), path)
+    message = str(info.value)
+    assert message.startswith("targets.csv: 10 problems:\n  - data row 1 ('n0'): column 'value'")
+    assert message.endswith("  - and 3 more")  # 8 lines: 7 rows' own problems, 1 shared
+    assert len(message.splitlines()) == 7
+    assert len(info.value.problems) == 10
+    assert info.value.problems[-1].startswith("data row 13 ('x5'): column 'variable'")
+
+
+def test_rows_sharing_a_problem_are_named_as_runs(tmp_path: Path) -> None:
+    rows = "".join(
+        f"t{i},1,{'incme' if i in (0, 1, 3, 4, 5, 9) else 'income'}\n" for i in range(10)
+    )
+    path = _targets_csv(tmp_path, "name,value,variable\n" + rows)
+    with pytest.raises(TargetError, match=re.escape(
+        "targets.csv: data rows 1, 2, 4-6, 10 ('t0', 't1', 't3' and 3 more): column 'variable'"
+    )):  # fmt: skip
+        build_estimate_matrix(tiny("households.csv"), path)
+
+
+def test_listed_and_from_problems_cap_long_lists() -> None:
+    from l0calib.exceptions import listed
+
+    assert listed(["a", "b"]) == "a, b"
+    assert listed([str(i) for i in range(102)]) == "0, 1, 2, 3, 4 and 97 more"
+    error = DataError.from_problems("h.csv", [f"problem {i}" for i in range(9)])
+    assert str(error) == (
+        "h.csv: 9 problems:\n  - problem 0\n  - problem 1\n  - problem 2\n  - problem 3\n"
+        "  - problem 4\n  - and 4 more"
+    )
+    assert error.where == "h.csv"
+    assert len(error.problems) == 9
+    assert str(DataError.from_problems("h.csv", ["only"])) == "h.csv: only"
