@@ -147,7 +147,8 @@ def test_bad_targets_exit_1_and_write_nothing(tmp_path: Path) -> None:
                                  "-o", str(out)])  # fmt: skip
     assert result.exit_code == 1
     assert "Error: targets.csv: 2 problems:" in result.stderr
-    assert "targets.csv: data row 2 ('y'): column 'value': 'abc' is not a number" in result.stderr
+    assert "\n  - data row 2 ('y'): column 'value': 'abc' is not a number" in result.stderr
+    assert result.stderr.count("targets.csv") == 1  # the file is named once
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == [bad]
 
