@@ -135,10 +135,8 @@ def test_calibrate_exchanges_after_the_refit() -> None:
     assert on.info["missed_targets"] == []
     assert "exchange_swaps" not in off.info
     assert np.count_nonzero(on.weights) == np.count_nonzero(off.weights) == 200
-    assert on.info["refit_objective"] < off.info["refit_objective"]
-    assert on.info["refit_objective_before_exchange"] == pytest.approx(
-        off.info["refit_objective"], rel=1e-9
-    )
+    # The rounds lowered the objective they judge sets by (the refit's at a strong pull).
+    assert on.info["exchange_objective"] < on.info["exchange_objective_before"]
     assert np.array_equal(on.weights, again.weights)  # deterministic
     keep = np.zeros(a.shape[1], dtype=bool)
     keep[:30] = True
@@ -148,13 +146,15 @@ def test_calibrate_exchanges_after_the_refit() -> None:
     assert (fixed.weights[keep] > 0).all()
 
 
-def test_no_exchange_after_a_balanced_selection() -> None:
+def test_exchange_after_a_balanced_selection_too() -> None:
     a, t, w0, _ = _survey(0, n=4000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = calibrate(a, t, weights=w0, target_records=1000, epochs=60, seed=0)
     assert res.info["selection"] == "balanced"
-    assert "exchange_swaps" not in res.info
+    assert res.info["exchange_rounds"] >= 1
+    assert res.info["exchange_objective"] <= res.info["exchange_objective_before"]
+    assert np.count_nonzero(res.weights) == 1000
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
