@@ -643,7 +643,8 @@ def reweight(
         _check_holdout(holdout, holdout_fraction)
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
-               "device": device, "dtype": dtype, "threads": threads}  # fmt: skip
+               "device": device, "dtype": dtype, "threads": threads,
+               "bounds": _parse_bounds(bounds), "max_error": max_error}  # fmt: skip
         _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
                        holdout_fraction, force, quiet)  # fmt: skip
         return
@@ -704,7 +705,8 @@ def reweight(
                 bounds=run.bounds, max_error=max_error,
             )  # fmt: skip
             phases.release()
-            _warn_targets(em, quiet, exclude=held, target_records=target_records)
+            _warn_targets(em, quiet, exclude=held, target_records=target_records,
+                          bounds=run.bounds)  # fmt: skip
             with (
                 phases.fitting(epochs) as callback,
                 warnings.catch_warnings(record=True) as seen,
@@ -753,7 +755,8 @@ def _reweight_hdf5(
         held = _holdout_of(em, holdout, holdout_fraction, fit["seed"])
         check_options(em.n_records, **fit)
         phases.release()
-        _warn_targets(em, quiet, exclude=held, target_records=fit["target_records"])
+        _warn_targets(em, quiet, exclude=held, target_records=fit["target_records"],
+                      bounds=fit["bounds"])  # fmt: skip
         with phases.fitting(fit["epochs"]) as callback, warnings.catch_warnings():
             warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
             result = l0calib.calibrate(em, holdout=held, callback=callback, log_path=log_tmp,
@@ -908,7 +911,10 @@ def check(
         None, "--target-records", help="Also flag targets at risk when only K households are kept."
     ),
     bounds: str | None = typer.Option(
-        None, "--bounds", help="LO,HI bounds on w / w0 the weights must stay within."
+        None,
+        "--bounds",
+        help="LO,HI bounds on final / initial weight; with --target-records, on final / "
+        "inflated initial weight (as reweight reads them), e.g. 0.2,5.",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
@@ -987,11 +993,11 @@ def _show_check(targets: Path, em, table_rows, diagnosis, all_targets: bool) -> 
 
 
 def _warn_targets(em, quiet: bool, **options) -> None:
-    """`check`'s findings as warnings before a fit (they never stop it). Conflicts are
-    named with a small LP budget; `l0calib check` names them all."""
+    """`check`'s findings as warnings before a fit (they never stop it): the same search
+    with the same budget as `l0calib check`, so both name the same conflicts."""
     if quiet:
         return
-    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
+    diagnosis = diagnose_targets(em, **options)
     risks = diagnosis.pruning_risks
     # The engine keeps supporters of every fitted target (its coverage guarantee), so the
     # risk a uniform draw would run is one line here; `check` lists each target.
