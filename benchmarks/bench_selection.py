@@ -22,6 +22,10 @@ split number):
     column (household size, AGI, capital income, SNAP, capital gains, housing aid), and the
     household count, by state (the strata the targets use), valued at the full sample's
     design-weighted totals, importance ``--aux-importance`` each, in a group of their own;
+  - ``cube``: not l0calib: a balanced sample by the cube method (Deville & Tille 2004;
+    ``benchmarks/balanced_sampling.py``) on the fitted targets, probability proportional
+    to the initial weight, the coverage exchange, and the random draws' refit from the
+    Horvitz-Thompson weights (slow: 5,000 records only);
   - ``cv``: the training pull (1e-3 or 10) chosen per split by an inner holdout of 20 %
     of the fitted targets (one seed each), then rerun with every fitted target.
 
@@ -119,6 +123,36 @@ def random_refit(em, hold, keep, draw, refit_l2):
                  max_error=None).weights  # fmt: skip
 
 
+def cube_refit(em, hold, keep, seed, refit_l2):
+    """A cube-method balanced sample (benchmarks/balanced_sampling.py) on the fitted targets,
+    inclusion probability proportional to the initial weight, then the coverage exchange
+    and the same refit as the random draws, from the Horvitz-Thompson weights."""
+    from balanced_sampling import cube_sample
+
+    from l0calib import refit
+    from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs
+
+    w0 = em.weights
+    pi = np.minimum(keep * w0 / w0.sum(), 1.0)
+    for _ in range(20):  # capped at 1, the rest rescaled to sum to keep
+        pi = np.minimum(pi * keep / pi.sum(), 1.0)
+    rows = np.flatnonzero(~hold)
+    x = em.matrix[rows].toarray().T * w0[:, None]
+    x /= np.maximum(np.abs(x.sum(axis=0)), 1e-12)
+    # The landing gives up the last columns first: the best-supported targets.
+    x = x[:, np.argsort(-(x != 0).sum(axis=0), kind="stable")[::-1]]
+    kept = cube_sample(x, pi, seed)
+    if kept.sum() != keep:  # rounding of pi's sum: trim or fill at random
+        raise RuntimeError(f"cube kept {kept.sum()} of {keep}")
+    cover = Coverage(em.matrix, coverage_needs(em.support(), ~hold, COVERAGE_RECORDS))
+    order = np.random.default_rng(seed).permutation(em.n_records)
+    order = order[np.argsort(~kept[order], kind="stable")]
+    kept, _ = cover.cover(kept, order)
+    start = np.where(kept, w0 / np.maximum(pi, 1e-300), w0)
+    return refit(em, kept, weights=start, holdout=hold, lambda_l2=refit_l2, keep_all=True,
+                 max_error=None).weights  # fmt: skip
+
+
 def engine(em, hold, keep, seed, epochs, **kw):
     from l0calib import calibrate
 
@@ -143,10 +177,18 @@ def main() -> None:
     p.add_argument("--households", type=int, default=5000)
     p.add_argument("--survey-seed", type=int, default=SEED,
                    help="seed of synthetic_survey (the data; default 0)")  # fmt: skip
-    p.add_argument("--perturbation", type=float, default=0.02,
-                   help="relative noise on each target (0: targets consistent with each other)")
-    p.add_argument("--disagreement", type=float, default=0.02,
-                   help="second-source national totals off by this much (0: none)")
+    p.add_argument(
+        "--perturbation",
+        type=float,
+        default=0.02,
+        help="relative noise on each target (0: targets consistent with each other)",
+    )
+    p.add_argument(
+        "--disagreement",
+        type=float,
+        default=0.02,
+        help="second-source national totals off by this much (0: none)",
+    )
     p.add_argument("--floor", action="store_true",
                    help="also refit every record with pull 1e-9: the least-squares floor of "
                    "the engine's loss, below which no selection's refit can go")  # fmt: skip
@@ -217,6 +259,14 @@ def main() -> None:
                         extra["refit_l2"] = float(opt[1:])
                     else:
                         raise SystemExit(f"unknown option {opt!r} in variant {v}")
+                if v_base == "cube":
+                    w = cube_refit(em, hold, k, seed, extra.get("refit_l2", pull))
+                    f = figures(em, hold, w, k)
+                    f.update(split=split, seed=seed, seconds=time.perf_counter() - t0)
+                    runs.setdefault(f"cube + refit{'+' + '+'.join(opts) if opts else ''}",
+                                    []).append(f)  # fmt: skip
+                    print(v, json.dumps(f), flush=True)
+                    continue
                 if v_base == "default":
                     r = engine(em, hold, k, seed, args.epochs, **extra)
                 elif v == "balanced":
@@ -250,7 +300,8 @@ def table(runs: dict[str, list[dict]], args) -> None:
                                                                         "fit_mean")}
         for sp in {r["split"] for r in rnd}
     }  # fmt: skip
-    print(f"\n{args.households:,} -> {args.keep:,} (survey seed {args.survey_seed}); {args.splits} splits x {args.seeds} seeds; "
+    print(f"\n{args.households:,} -> {args.keep:,} (survey seed {args.survey_seed}); "
+          f"{args.splits} splits x {args.seeds} seeds; "
           f"random: {args.draws} PPS draws per split")  # fmt: skip
     print("| method | runs | fitted mean | fitted max (worst run) | holdout mean | holdout "
           "minus random (paired, +- s.e.) | fitted mean / random's | Kish ESS / K (min) "
