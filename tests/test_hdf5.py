@@ -328,6 +328,38 @@ def test_calibrate_hdf5_writes_every_household_back(tmp_path: Path) -> None:
                                      *extra])  # fmt: skip
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()), result.output
+    # GREG (linear) weights below 0 cannot go into a PolicyEngine dataset: refused, no file.
+    frame = pd.read_csv(targets)
+    frame.loc[frame["name"] == "hh_CA", "value"] *= 0.05
+    far = tmp_path / "far.csv"
+    frame.to_csv(far, index=False)
+    neg = tmp_path / "neg.h5"
+    result = runner.invoke(app, ["calibrate", str(data), str(far), "--period", "2024",
+                                 "--method", "linear", "-o", str(neg), "--quiet"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "method 'linear' gave" in result.output
+    assert "negative weight(s); a PolicyEngine dataset needs weights >= 0" in result.output
+    assert not neg.exists()
+    assert not (tmp_path / "neg_report").exists()
+
+
+def test_reweight_hdf5_honours_bounds_and_max_error(tmp_path: Path) -> None:
+    data, targets, out = tmp_path / "data.h5", tmp_path / "targets.csv", tmp_path / "small.h5"
+    v = _write(data, "flat")
+    _targets(targets, v)
+    result = runner.invoke(app, [
+        "reweight", str(data), str(targets), "--target-records", "150", "--epochs", "150",
+        "--bounds", "0.75,1.5", "--max-error", "0.00001", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    summary = json.loads((tmp_path / "small_report" / "summary.json").read_text())
+    # Without --bounds this run's ratios to the inflated weight span about 0.69 to 1.39.
+    ratio = summary["inflated_weight_ratio"]
+    assert ratio["min"] >= 0.75 - 1e-6
+    assert ratio["max"] <= 1.5 + 1e-6
+    assert summary["mean_abs_rel_error"] < 0.01
+    # Off by more than --max-error 1e-5 (the default 0.5 would name none): exit 3.
+    assert summary["missed_targets"]
+    assert result.exit_code == 3, result.output
 
 
 def test_select_hdf5_writes_the_selected_households(tmp_path: Path) -> None:
