@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -27,7 +29,7 @@ from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 import l0calib  # light: its public names load on first use
-from l0calib.exceptions import L0CalibError
+from l0calib.exceptions import L0CalibError, listed
 
 if TYPE_CHECKING:
     from l0calib.outputs import Transaction
@@ -86,6 +88,31 @@ EXIT_CODES_HELP = (
 EXIT_TOLERANCE = 3
 
 
+_LIST_ITEM = re.compile(r"\s*(?:[-*\u2022]|\d+[.)])\s")
+
+
+def _paragraphs(text: str | None) -> str | None:
+    """A command's docstring as the help shows it: the lines of each paragraph joined into
+    one (the help renderer wraps them to the terminal; a hard-wrapped line would end
+    raggedly), blank-line paragraph breaks kept, each list item (``- ``, ``* ``, ``1. ``)
+    on a line of its own. A paragraph starting with click's ``\\b`` stays as written."""
+    if not text:
+        return text
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] = f"{lines[-1]} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
 def _plain_flags(params: list) -> list:
     """Flags take no value: show no ``<bool>`` type beside them in the help."""
     for p in params:
@@ -96,7 +123,12 @@ def _plain_flags(params: list) -> list:
 
 class _Command(TyperCommand):
     """Help that reads as written: flags carry no ``<bool>`` type, the usage line names
-    the arguments in capitals without braces (``MICRODATA TARGETS``)."""
+    the arguments in capitals without braces (``MICRODATA TARGETS``), and the docstring's
+    paragraphs are wrapped to the terminal as paragraphs (see :func:`_paragraphs`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _paragraphs(self.help)
 
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
@@ -111,7 +143,11 @@ class _Command(TyperCommand):
 
 
 class _Group(TyperGroup):
-    """The app's group: as :class:`_Command`, no ``<bool>`` on its flags."""
+    """The app's group: as :class:`_Command`, no ``<bool>`` on its flags, paragraphs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _paragraphs(self.help)
 
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
@@ -141,11 +177,17 @@ def _say(message: str) -> None:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors into ``Error: ...`` on stderr and exit code 1."""
+def user_errors(*, json_output: bool = False) -> Iterator[None]:
+    """Turn library errors into ``Error: ...`` on stderr and exit code 1. With
+    ``json_output``, stdout also gets ``{"error", "error_type", "file", "problems"}``: the
+    message, which lists the first few problems, and every one of them for a program."""
     try:
         yield
     except L0CalibError as exc:
+        if json_output:
+            out = {"error": str(exc), "error_type": type(exc).__name__, "file": exc.where,
+                   "problems": exc.problems}  # fmt: skip
+            stdout.print_json(json.dumps(out))
         _say(f"Error: {exc}")
         raise typer.Exit(code=1) from None
     except OSError as exc:  # the file system refused: which path, and why
@@ -859,10 +901,9 @@ def _exit_for(
         (missed, "missed by far (at -100 % or beyond --max-error)", "missed_targets"),
     ):
         if names:
-            listed = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
             _say(
-                f"Warning: {len(names)} fitted target(s) {what}: {listed}; see {key} in "
-                "summary.json."
+                f"Warning: {len(names)} fitted target(s) {what}: {listed(names)}; see {key} "
+                "in summary.json."
             )
     if not converged:
         parts = [reason] if reason else []
@@ -1033,7 +1074,7 @@ def check(
                        (id_column, weight_column, person_household_column))  # fmt: skip
     else:
         _no_period(period)
-    with user_errors():
+    with user_errors(json_output=json_output):
         if hdf5:
             _, em = _read_hdf5(microdata, targets, period, _Phases(quiet=True),
                                allow_zero_support=True)  # fmt: skip
@@ -1055,7 +1096,7 @@ def check(
     else:
         _show_check(targets, em, table_rows, diagnosis, all_targets)
     if unusable:
-        _say(f"Error: {len(unusable)} target(s) cannot be used: {', '.join(unusable[:10])}")
+        _say(f"Error: {len(unusable)} target(s) cannot be used: {listed(unusable)}")
         raise typer.Exit(code=1)
     if not diagnosis.feasible:
         raise typer.Exit(code=EXIT_TOLERANCE)
@@ -1320,7 +1361,9 @@ def report(
 
     The page is drawn from targets.csv, history.csv, summary.json and weight_ratios.csv
     alone: one self-contained file (inline SVG plots, no network) that opens offline and
-    prints. Exits with 1 when the directory is not a report directory.
+    prints. With `--open`, says which page it opened, or, where no browser can be
+    started (a server without a display), where the page is. Exits with 1 when the
+    directory is not a report directory.
     """
     from l0calib.report_html import render_html
 
@@ -1330,7 +1373,15 @@ def report(
     if open_page:
         import webbrowser
 
-        webbrowser.open(page.resolve().as_uri())
+        uri = page.resolve().as_uri()
+        try:
+            opened = webbrowser.open(uri)
+        except webbrowser.Error:
+            opened = False
+        if opened:
+            stdout.print(f"opened {uri} in the web browser", highlight=False, soft_wrap=True)
+        else:  # the page was written, so this is no failure: say where it is
+            _say(f"Warning: could not open a web browser here; the report is at {page.resolve()}")
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)

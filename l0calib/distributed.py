@@ -71,7 +71,7 @@ from l0calib.calibrate import (
 )
 from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs
 from l0calib.diagnostics import WeightDiagnostics
-from l0calib.exceptions import DataError, ParameterError
+from l0calib.exceptions import DataError, ParameterError, listed
 from l0calib.targets import EstimateMatrix
 from l0calib.threads import available_cores, choose_threads, limit_threads
 
@@ -364,7 +364,7 @@ def calibrate_shard(
     empty = [em.names[k] for k in np.flatnonzero((support == 0) & pb.fitted)]
     if empty:
         raise ParameterError(f"{len(empty)} fitted target(s) have no record contributing: "
-                             f"{', '.join(empty[:5])}")  # fmt: skip
+                             f"{listed(empty)}")  # fmt: skip
     bounds = _check_bounds(bounds)
     coverage = _check_coverage(coverage)
     if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):

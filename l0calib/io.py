@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from l0calib.exceptions import DataError, OutputError
+from l0calib.exceptions import DataError, OutputError, listed
 
 __all__ = [
     "atomic_dir",
@@ -127,17 +127,24 @@ def read_table(
             frame = pd.read_parquet(p, columns=columns)
     except DataError:
         raise
-    except (ValueError, KeyError) as exc:
-        if columns is not None:
-            raise DataError(f"{p}: cannot read columns {columns}: {exc}") from None
-        raise DataError(f"{p}: cannot read {fmt} file: {exc}") from None
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read {fmt} file: {exc}") from None
     except Exception as exc:  # pyarrow raises its own exception types for corrupt files
-        raise DataError(f"{p}: cannot read {fmt} file: {type(exc).__name__}: {exc}") from None
+        wanted = [*(columns or []), *([where[0]] if where is not None else [])]
+        missing = _missing_columns(p, fmt, wanted) if wanted else []
+        if missing:
+            raise DataError(f"{p}: {_not_in_file(missing)}") from None
+        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc, p)}") from None
+    missing = [c for c in columns or [] if c not in frame.columns]
+    if missing:
+        raise DataError(f"{p}: {_not_in_file(missing)}")
     if frame.shape[1] == 0:
         raise DataError(f"{p}: file has no columns")
     return frame
+
+
+def _not_in_file(missing: list[str]) -> str:
+    if len(missing) == 1:
+        return f"column {missing[0]!r} is not in the file"
+    return f"columns {listed([repr(c) for c in missing])} are not in the file"
 
 
 def count_rows(path: str | os.PathLike[str]) -> int:
@@ -155,7 +162,34 @@ def count_rows(path: str | os.PathLike[str]) -> int:
         chunks = pd.read_csv(p, usecols=first, chunksize=1_000_000, encoding="utf-8-sig")
         return sum(len(c) for c in chunks)
     except Exception as exc:
-        raise DataError(f"{p}: cannot read {fmt} file: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{p}: cannot read {fmt} file: {_reason(exc, p)}") from None
+
+
+def _reason(exc: BaseException, p: Path) -> str:
+    """What went wrong, in one line and without the file's name (the message says it
+    first): an OSError's reason, else the first line of the library's message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(exc).strip())
+    lines = text.replace(f" '{p}'", "").splitlines()
+    head = lines[0] if lines else ""
+    if isinstance(exc, (ValueError, KeyError)) and head:
+        return head
+    return f"{type(exc).__name__}: {head}" if head else type(exc).__name__
+
+
+def _missing_columns(p: Path, fmt: str, wanted: list[str]) -> list[str]:
+    """Which of ``wanted`` the file's header lacks ([] when it cannot tell)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            present = set(pq.read_schema(p).names)
+        else:
+            present = {str(c) for c in pd.read_csv(p, nrows=0, encoding="utf-8-sig").columns}
+    except Exception:
+        return []
+    return [c for c in dict.fromkeys(wanted) if c not in present]
 
 
 def _read_rows(
@@ -215,7 +249,7 @@ def _read_csv(p: Path, columns: list[str] | None, text: bool, **kwargs: Any) -> 
     except pd.errors.EmptyDataError:
         raise DataError(f"{p}: file has no header row (it is empty)") from None
     except pd.errors.ParserError as exc:
-        raise DataError(f"{p}: malformed CSV: {exc}") from None
+        raise DataError(f"{p}: {_malformed(exc)}") from None
 
 
 _CODES: dict[tuple[str, int, int], list[str]] = {}
@@ -294,6 +328,18 @@ def _csv_text_batches(p: Path) -> tuple[list[str], Iterator[tuple[int, Any]]] | 
             return
 
     return names, stream()
+
+
+def _malformed(exc: Exception) -> str:
+    """pandas' tokenizer error as ``line N: what`` (lines of the file, the header line 1)."""
+    text = str(exc).strip()
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if m:
+        return f"line {m[2]}: {m[3]} fields where the header has {m[1]} (malformed CSV)"
+    m = re.search(r"EOF inside string starting at row (\d+)", text)
+    if m:  # pandas counts that row from 0, the header included
+        return f"line {int(m[1]) + 1}: a quoted cell is never closed (malformed CSV)"
+    return f"malformed CSV: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
 def _line_of_byte(p: Path, offset: int) -> int:

@@ -149,11 +149,18 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+def _as_given(path: Path, ancestor: Path) -> Path:
+    """``ancestor`` (an absolute parent of ``path``) as the user wrote it: ``notes.txt``
+    for ``notes.txt/o.csv``, not its absolute path."""
+    up = len(Path(os.path.abspath(path)).parts) - len(ancestor.parts)
+    return Path(*path.parts[: len(path.parts) - up]) if 0 <= up < len(path.parts) else ancestor
+
+
 def _check_place(path: Path, role: str, *, directory: bool = False) -> None:
     """``path`` can be created: no parent is a file, the parent is writable."""
     parent = _nearest_existing(path.parent if not directory or not path.exists() else path)
     if not parent.is_dir():
-        raise OutputError(f"{path}: {parent} is not a directory")
+        raise OutputError(f"{path}: {_as_given(path, parent)} is not a directory")
     try:
         if os.statvfs(parent).f_flag & os.ST_RDONLY:
             raise OutputError(f"{path}: read-only file system ({parent})")

@@ -755,7 +755,9 @@ def prune_entities(
                 row = int(np.flatnonzero(unknown.to_numpy())[0])
                 value = ids.iloc[row]
                 value = value.item() if hasattr(value, "item") else value
-                raise DataError(f"{entity} table row {row}: {col}={value!r} is not a household id")
+                raise DataError(
+                    f"{entity} table data row {row + 1}: {col}={value!r} is not a household id"
+                )
         own = f"{entity}_id"
         if entity not in (person_entity, "household") and own in frame.columns:
             spread = frame.groupby(own)[col].nunique()

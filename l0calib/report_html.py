@@ -53,17 +53,22 @@ def render_html(
     missing = [f for f in REQUIRED if not (d / f).is_file()]
     if missing:
         raise DataError(f"{d}: not a report directory ({', '.join(missing)} missing)")
+    reading = d / "summary.json"  # the file a message names
     try:
-        summary = json.loads((d / "summary.json").read_text())
+        summary = json.loads(reading.read_text())
         # Names, groups and flags are text even where they look like numbers (or are empty).
         text = {"name": str, "group": str, "flags": str}
-        targets = pd.read_csv(d / "targets.csv", dtype=text)
-        history = pd.read_csv(d / "history.csv")
+        reading = d / "targets.csv"
+        targets = pd.read_csv(reading, dtype=text)
+        reading = d / "history.csv"
+        history = pd.read_csv(reading)
         ratios = None
-        if (d / "weight_ratios.csv").is_file():
-            ratios = pd.read_csv(d / "weight_ratios.csv")
+        reading = d / "weight_ratios.csv"
+        if reading.is_file():
+            ratios = pd.read_csv(reading)
     except (ValueError, OSError) as exc:
-        raise DataError(f"{d}: cannot read the report files: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DataError(f"{reading}: cannot read this report file: {reason}") from None
     for col in ("name", "target", "estimate", "rel_error", "holdout"):
         if col not in targets.columns:
             raise DataError(f"{d / 'targets.csv'}: column '{col}' is missing")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from l0calib.exceptions import DataError, ParameterError, TargetError
+from l0calib.exceptions import DataError, ParameterError, TargetError, listed
 from l0calib.expressions import (
     ColumnSource,
     Expression,
@@ -76,12 +76,52 @@ def _blank(x: object) -> bool:
     return x is None or (isinstance(x, float) and np.isnan(x)) or str(x).strip() == ""
 
 
-def _where(source: str, row: int | None, name: str | None) -> str:
-    parts = [source]
-    if row is not None:
-        parts.append(f"row {row}")
-    label = " ".join(parts)
+def _where(row: int | None, name: str | None) -> str:
+    """``"data row 3 ('snap_CA')"``: where in the targets table, without the file's name
+    (the message says it once, in front)."""
+    label = f"data row {row}" if row is not None else "target"
     return f"{label} ({name!r})" if name else label
+
+
+# A problem of a targets row: (data row, target name or None, what is wrong).
+_Problem = tuple[int, str | None, str]
+
+
+def _ranges(rows: list[int]) -> str:
+    """``"1-3, 7, 8, 10-12 and 4 more"``: sorted row numbers, runs of three or more as
+    ``first-last``, the first few listed."""
+    runs: list[str] = []
+    start = prev = rows[0]
+    for r in [*rows[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        runs.extend([str(start), str(prev)][: prev - start + 1] if prev - start < 2
+                    else [f"{start}-{prev}"])  # fmt: skip
+        if r is not None:
+            start = prev = r
+    return listed(runs)
+
+
+def _target_error(label: str, problems: list[_Problem]) -> TargetError:
+    """One error for every problem, in row order (stable). The message says the file once
+    and gives one line per cause: a problem that many rows share (a column missing from
+    the data...) is one line naming its rows; ``problems`` holds every row's problem."""
+    ordered = sorted(problems, key=lambda p: p[0])
+    groups: dict[str, list[_Problem]] = {}
+    for p in ordered:
+        groups.setdefault(p[2], []).append(p)
+    lines = []
+    for text, group in groups.items():
+        if len(group) == 1:
+            lines.append(f"{_where(group[0][0], group[0][1])}: {text}")
+            continue
+        names = [repr(n) for _, n, _ in group if n]
+        shown = f" ({listed(names, 3)})" if names else ""
+        lines.append(f"data rows {_ranges([r for r, _, _ in group])}{shown}: {text}")
+    return TargetError.from_problems(  # type: ignore[return-value]
+        label, [f"{_where(r, n)}: {text}" for r, n, text in ordered], lines=lines
+    )
 
 
 def read_targets(
@@ -114,14 +154,14 @@ def read_targets(
     """
     parsed, problems, label = _read_targets(targets, source)
     if problems:
-        raise TargetError.from_problems(label, [message for _, message in problems])
+        raise _target_error(label, problems)
     return parsed
 
 
 def _read_targets(
     targets: str | os.PathLike[str] | pd.DataFrame | Sequence[Target], source: str | None
-) -> tuple[list[Target], list[tuple[int, str]], str]:
-    """Parse what can be parsed; return the good targets, every (row, problem), the label."""
+) -> tuple[list[Target], list[_Problem], str]:
+    """Parse what can be parsed; return the good targets, every problem, the label."""
     if isinstance(targets, (str, os.PathLike)):
         source = source or Path(targets).name
         frame = read_table(targets, text_columns=True)
@@ -140,7 +180,7 @@ def _read_targets(
 MAX_NAME_LENGTH = 1000  # characters of a target name
 
 
-def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[tuple[int, str]]]:
+def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[_Problem]]:
     """Parse rows; structural problems (missing columns, no rows) raise at once."""
     columns = [str(c).strip() for c in frame.columns]
     frame = frame.set_axis(columns, axis=1)
@@ -164,12 +204,12 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[t
         raise TargetError(f"{source}: the targets table has no rows")
 
     out: list[Target] = []
-    row_problem_list: list[tuple[int, str]] = []
+    row_problem_list: list[_Problem] = []
     first_row: dict[str, int] = {}
     for i, rec in enumerate(frame.to_dict("records"), start=1):
         name = None if _blank(rec.get("name")) else str(rec["name"]).strip()
         too_long = name is not None and len(name) > MAX_NAME_LENGTH
-        where = _where(source, i, name[:40] + "..." if too_long and name else name)
+        shown_name = name[:40] + "..." if too_long and name else name
         row_problems: list[str] = []
         if name is None:
             row_problems.append("column 'name' is empty")
@@ -178,7 +218,7 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[t
                 f"column 'name' is {len(name):,} characters long; at most {MAX_NAME_LENGTH}"
             )
         elif name in first_row:
-            row_problems.append(f"duplicate target name (first used on row {first_row[name]})")
+            row_problems.append(f"duplicate target name (first used on data row {first_row[name]})")
         else:
             first_row[name] = i
         value = _number(rec.get("value"), "value", row_problems, required=True)
@@ -209,7 +249,7 @@ def _parse_frame(frame: pd.DataFrame, source: str) -> tuple[list[Target], list[t
             row_problems.append(
                 f"column 'value': a count target (no 'variable') cannot be negative, got {value:g}"
             )
-        row_problem_list.extend((i, f"{where}: {p}") for p in row_problems)
+        row_problem_list.extend((i, shown_name, p) for p in row_problems)
         if not row_problems:
             out.append(
                 Target(
@@ -368,11 +408,12 @@ class EstimateMatrix:
         unknown = [n for n in wanted if n not in index]
         if unknown:
             hint = closest(unknown[0], self.names)
+            items = [repr(n) for n in unknown]
+            items[0] += f" (did you mean {hint!r}?)" if hint else ""
             raise TargetError(
-                f"unknown target name {unknown[0]!r}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-                + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
-            )
+                f"unknown target name {items[0]}" if len(items) == 1
+                else f"{len(items):,} unknown target names: {listed(items)}"
+            )  # fmt: skip
         mask = np.zeros(self.n_targets, dtype=bool)
         mask[[index[n] for n in wanted]] = True
         return mask
@@ -525,9 +566,16 @@ def _column_problem(
 
 
 def _rows(positions: np.ndarray) -> str:
+    """``"data rows 1, 4, 9, 12, 20 and 3 more"`` from 0-based positions in a table."""
     shown = ", ".join(str(int(p) + 1) for p in positions[:_MAX_LISTED])
     more = f" and {len(positions) - _MAX_LISTED:,} more" if len(positions) > _MAX_LISTED else ""
-    return f"{shown}{more}"
+    return f"data row{'s' if len(positions) > 1 else ''} {shown}{more}"
+
+
+def _in_rows(positions: np.ndarray) -> str:
+    """``"1 row (data row 2)"``, ``"3 rows (data rows 1, 2, 5)"``."""
+    n = len(positions)
+    return f"{n:,} row{'s' if n != 1 else ''} ({_rows(positions)})"
 
 
 def _check_households(
@@ -548,14 +596,14 @@ def _check_households(
     ids = frame[id_column]
     if ids.isna().any():
         rows = np.flatnonzero(ids.isna().to_numpy())
-        problems.append(f"column '{id_column}' is empty in {len(rows):,} rows (rows {_rows(rows)})")
+        problems.append(f"column '{id_column}' is empty in {_in_rows(rows)}")
     dup = ids.duplicated(keep=False).to_numpy() & ~ids.isna().to_numpy()
     if dup.any():
         rows = np.flatnonzero(dup)
         examples = ", ".join(repr(v) for v in pd.unique(ids.iloc[rows])[:_MAX_LISTED].tolist())
         problems.append(
             f"column '{id_column}' must be unique; {len(rows):,} rows share an id "
-            f"(rows {_rows(rows)}; ids {examples})"
+            f"({_rows(rows)}; ids {examples})"
         )
     w_raw = frame[weight_column]
     if not pd.api.types.is_numeric_dtype(w_raw.dtype) or pd.api.types.is_bool_dtype(w_raw.dtype):
@@ -566,16 +614,12 @@ def _check_households(
     if bad.any():
         rows = np.flatnonzero(bad)
         problems.append(
-            f"column '{weight_column}' must be finite; {len(rows):,} rows are missing or "
-            f"infinite (rows {_rows(rows)})"
+            f"column '{weight_column}' must be finite; missing or infinite in {_in_rows(rows)}"
         )
     neg = np.isfinite(w) & (w < 0)
     if neg.any():
         rows = np.flatnonzero(neg)
-        problems.append(
-            f"column '{weight_column}' must be >= 0; {len(rows):,} rows are negative "
-            f"(rows {_rows(rows)})"
-        )
+        problems.append(f"column '{weight_column}' must be >= 0; negative in {_in_rows(rows)}")
     if not problems and not (w > 0).any():
         problems.append(f"column '{weight_column}' is 0 in every row: no weight to calibrate")
     if problems:
@@ -596,22 +640,26 @@ def _link_persons(
         rows = np.flatnonzero(bad)
         examples = ", ".join(repr(v) for v in pd.unique(keys.iloc[rows])[:_MAX_LISTED].tolist())
         raise DataError(
-            f"{label}: {len(rows):,} persons point at households not in {hh_label} "
-            f"(column '{link}', rows {_rows(rows)}; ids {examples})"
+            f"{label}: {len(rows):,} person{' points' if len(rows) == 1 else 's point'} at "
+            f"households not in {hh_label} "
+            f"(column '{link}', {_rows(rows)}; ids {examples})"
         )
     return pos
 
 
 class _Entity:
-    """An entity table's columns, and for persons the row of each person's household."""
+    """An entity table's columns, and for persons the row of each person's household;
+    ``label`` names the table in messages."""
 
     def __init__(
         self,
         frame: pd.DataFrame,
+        label: str,
         household_pos: np.ndarray | None = None,
         households: ColumnSource | None = None,
     ) -> None:
         self.source = ColumnSource(frame, parent=households, parent_rows=household_pos)
+        self.label = label
         self.household_pos = household_pos  # None for households themselves
 
 
@@ -647,8 +695,8 @@ def _eval_variable(entity: _Entity, expr: Expression, mask: np.ndarray) -> np.nd
     if bad.any():
         rows = np.flatnonzero(bad)
         raise ExpressionError(
-            f"the variable gives non-finite values (inf or NaN) in {len(rows):,} rows "
-            f"(rows {_rows(rows)})"
+            f"the variable gives non-finite values (inf or NaN) in {len(rows):,} "
+            f"row{'s' if len(rows) != 1 else ''} of {entity.label} ({_rows(rows)})"
         )
     return data
 
@@ -718,24 +766,25 @@ def build_estimate_matrix(
     target_list, problems, tg_label = _read_targets(targets, None)
     n = len(hh_frame)
 
-    entities: dict[str, _Entity] = {"household": _Entity(hh_frame)}
+    entities: dict[str, _Entity] = {"household": _Entity(hh_frame, hh_label)}
     if persons is not None:
         p_frame, p_label = _load(persons, labels.get("persons", "persons"))
         pos = _link_persons(
             p_frame, p_label, person_household_column, hh_frame[id_column], hh_label
         )
-        entities["person"] = _Entity(p_frame, pos, entities["household"].source)
+        entities["person"] = _Entity(p_frame, p_label, pos, entities["household"].source)
 
     zero: list[str] = []
-    needs_persons: list[tuple[int, str]] = []
+
     indptr = [0]
     indices: list[np.ndarray] = []
     data: list[np.ndarray] = []
     for t in target_list:
-        where = _where(tg_label, t.row, t.name)
         entity = entities.get(t.entity)
         if entity is None:
-            needs_persons.append((t.row or 0, where))
+            # One cause however many targets it touches: one line of the message.
+            problems.append((t.row or 0, t.name, "entity 'person' needs a persons table, and "
+                             "none was given (--persons FILE)"))  # fmt: skip
             continue
         m = entity.source.n_rows
         column = "filter"
@@ -748,7 +797,7 @@ def build_estimate_matrix(
             else:
                 contrib = mask.astype(np.float64)
         except ExpressionError as exc:
-            problems.append((t.row or 0, f"{where}: column '{column}': {exc}"))
+            problems.append((t.row or 0, t.name, f"column '{column}': {exc}"))
             continue
         if entity.household_pos is not None:
             nz = contrib != 0
@@ -760,26 +809,18 @@ def build_estimate_matrix(
                     "its filter selects no record" if not mask.any() else "every contribution is 0"
                 )
                 message = (
-                    f"{where}: zero support: {what}, so no weighting can reach "
+                    f"zero support: {what}, so no weighting can reach "
                     f"{t.value:g} (fix the filter or remove the target)"
                 )
-                problems.append((t.row or 0, message))
+                problems.append((t.row or 0, t.name, message))
                 continue
             zero.append(t.name)
         indices.append(idx)
         data.append(contrib[idx])
         indptr.append(indptr[-1] + idx.size)
-    if needs_persons:
-        # One problem with one cause, however many targets it touches.
-        first = needs_persons[0][1]
-        more = len(needs_persons) - 1
-        also = f" (and {more} more person target{'s' if more > 1 else ''})" if more else ""
-        problems.append((needs_persons[0][0], f"{first}{also}: entity 'person' needs a "
-                         "persons table, and none was given (--persons FILE)"))  # fmt: skip
     if problems:
-        # Parse problems and evaluation problems together, in file row order (stable).
-        ordered = sorted(problems, key=lambda p: p[0])
-        raise TargetError.from_problems(tg_label, [message for _, message in ordered])
+        # Parse problems and evaluation problems together, in file row order.
+        raise _target_error(tg_label, problems)
 
     matrix = sp.csr_matrix(
         (

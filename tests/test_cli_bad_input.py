@@ -9,6 +9,7 @@ fixture; its ``setup`` writes whatever broken file the case needs before the sna
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,20 @@ def _symlink(name: str, to: str) -> Callable[[Path], None]:
     return lambda d: (d / name).symlink_to(d / to)
 
 
+def _parquet(name: str, **changes: object) -> Callable[[Path], None]:
+    """Write ``name``: the tiny households as Parquet, some columns changed."""
+
+    def setup(d: Path) -> None:
+        pd.read_csv(d / "households.csv").assign(**changes).to_parquet(d / name)
+
+    return setup
+
+
+def _many_targets(n: int, variable: str) -> Callable[[Path], None]:
+    rows = "".join(f"t{i},1,{variable}\n" for i in range(n))
+    return _text("t2.csv", "name,value,variable\n" + rows)
+
+
 @dataclass
 class Case:
     id: str
@@ -89,6 +104,7 @@ class Case:
     code: int
     says: tuple[str, ...]
     setup: Callable[[Path], None] | None = None
+    lines: int | None = None  # at most this many lines of output
 
 
 T2 = ["reweight", "households.csv", "t2.csv", "--epochs", "3"]
@@ -184,13 +200,15 @@ CASES = [
          ("h2.csv: id column 'household_id' is not in the data", "--id-column"),
          _hh(household_id=None)),
     Case("duplicate-ids", [*R[:1], "h2.csv", *R[2:]], 1,
-         ("h2.csv: column 'household_id' must be unique", "rows 1, 2"),
+         ("h2.csv: column 'household_id' must be unique; 2 rows share an id (data rows 1, 2; "
+          "ids 1)",),
          _hh(household_id=[1, 1, 3, 4, 5])),
     Case("negative-weight", [*R[:1], "h2.csv", *R[2:]], 1,
-         ("h2.csv: column 'household_weight' must be >= 0", "rows 2"),
+         ("h2.csv: column 'household_weight' must be >= 0; negative in 1 row (data row 2)",),
          _hh(household_weight=[1, -1, 2, 3, 4])),
     Case("missing-weight", [*R[:1], "h2.csv", *R[2:]], 1,
-         ("h2.csv: column 'household_weight' must be finite", "rows 2"),
+         ("h2.csv: column 'household_weight' must be finite; missing or infinite in 1 row "
+          "(data row 2)",),
          _hh(household_weight=[1, None, 2, 3, 4])),
     Case("zero-weights", [*R[:1], "h2.csv", *R[2:]], 1,
          ("h2.csv: column 'household_weight' is 0 in every row",), _hh(household_weight=0)),
@@ -201,20 +219,34 @@ CASES = [
          _hh(household_weight_initial=1.0)),
     Case("reserved-column-select", ["select", "h2.csv", "--target-records", "2"], 1,
          ("h2.csv: column 'selection' already exists",), _hh(selection="x")),
+    Case("microdata-parquet-negative-weight", ["reweight", "h2.parquet", "targets.csv"], 1,
+         ("h2.parquet: column 'household_weight' must be >= 0; negative in 1 row (data row 2)",),
+         _parquet("h2.parquet", household_weight=[1, -1, 2, 3, 4])),
+    Case("microdata-many-bad-rows", [*R[:1], "h2.csv", *R[2:]], 1,
+         ("h2.csv: column 'household_weight' must be >= 0; negative in 4 rows (data rows 1, 2, "
+          "3, 4)",), _hh(household_weight=[-1, -1, -1, -1, 4])),
+    Case("microdata-malformed-csv", ["reweight", "h2.csv", "targets.csv"], 1,
+         ("h2.csv: line 3: 4 fields where the header has 3 (malformed CSV)",),
+         _text("h2.csv", "household_id,household_weight,state\n1,2,CA\n2,3,NY,x\n")),
+    Case("microdata-unclosed-quote", ["reweight", "h2.csv", "targets.csv"], 1,
+         ("h2.csv: line 3: a quoted cell is never closed (malformed CSV)",),
+         _text("h2.csv", 'household_id,household_weight,state\n1,2,CA\n2,3,"NY\n')),
     Case("stratify-missing", [*S, "--stratify", "county"], 1,
          ("households.csv: --stratify column 'county' is not in the data",)),
     # -------------------------------------------------------------- persons and entities
     Case("persons-missing-file", [*RNP, "--persons", "nope.csv"], 1,
          ("nope.csv: file not found",)),
     Case("persons-not-given", RNP, 1,
-         ("targets.csv row 3 ('persons_65plus')", "needs a persons table", "--persons")),
+         ("targets.csv: data rows 3, 4, 6 ('persons_65plus', 'employment_income_CA', "
+          "'children'): entity 'person' needs a persons table",)),
     Case("persons-link-missing", [*RNP, "--persons", "p2.csv"], 1,
          ("p2.csv: household link column 'person_household_id' is not in the data",
           "--person-household-column"),
          lambda d: pd.read_csv(d / "persons.csv").rename(
              columns={"person_household_id": "hh"}).to_csv(d / "p2.csv", index=False)),
     Case("persons-unknown-household", [*RNP, "--persons", "p2.csv"], 1,
-         ("p2.csv: 1 persons point at households not in households.csv", "rows 6"),
+         ("p2.csv: 1 person points at households not in households.csv",
+          "(column 'person_household_id', data row 6; ids 99)"),
          lambda d: pd.read_csv(d / "persons.csv").assign(
              person_household_id=[1, 1, 2, 3, 3, 99]).to_csv(d / "p2.csv", index=False)),
     Case("entity-link-missing", [*R, "--entity", "tax_unit=tu.csv", "--entity-link",
@@ -222,7 +254,7 @@ CASES = [
          ("tu.csv: column 'hh' (the household id of tax_unit) is missing", "--entity-link"),
          _tu()),
     Case("entity-unknown-household", [*R, "--entity", "tax_unit=tu.csv"], 1,
-         ("tu.csv: tax_unit table row 2: tax_unit_household_id=77 is not a household id",),
+         ("tu.csv: tax_unit table data row 3: tax_unit_household_id=77 is not a household id",),
          _tu(tax_unit_household_id=[1, 2, 77, 4, 5])),
     Case("entity-missing-file", [*R, "--entity", "tax_unit=nope.csv"], 1,
          ("nope.csv: file not found",)),
@@ -235,45 +267,57 @@ CASES = [
     Case("targets-no-value-column", T2, 1,
          ("t2.csv: required column 'value' is missing",), _text("t2.csv", "name,filter\na,\n")),
     Case("targets-not-a-number", T2, 1,
-         ("t2.csv row 2 ('b'): column 'value': 'abc' is not a number",),
+         ("t2.csv: data row 2 ('b'): column 'value': 'abc' is not a number",),
          _text("t2.csv", "name,value\na,1\nb,abc\n")),
     Case("targets-duplicate-name", T2, 1,
-         ("t2.csv row 2 ('a'): duplicate target name (first used on row 1)",),
+         ("t2.csv: data row 2 ('a'): duplicate target name (first used on data row 1)",),
          _text("t2.csv", "name,value\na,1\na,2\n")),
     Case("targets-unknown-column", T2, 1,
-         ("t2.csv row 1 ('a'): column 'variable': column 'incme' is not in the data",
+         ("t2.csv: data row 1 ('a'): column 'variable': column 'incme' is not in the data",
           "did you mean 'income'"),
          _text("t2.csv", "name,value,variable\na,1,incme\n")),
     Case("targets-code-injection", T2, 1,
-         ("t2.csv row 1 ('a'): column 'filter':", "is not allowed"),
+         ("t2.csv: data row 1 ('a'): column 'filter':", "is not allowed"),
          _text("t2.csv", "name,value,filter\na,1,__import__('os').system('touch pwned')\n")),
     Case("targets-zero-support", T2, 1,
-         ("t2.csv row 1 ('a'): zero support",),
+         ("t2.csv: data row 1 ('a'): zero support",),
          _text("t2.csv", "name,value,filter\na,1,state == 'WA'\n")),
     Case("targets-negative-count", T2, 1,
-         ("t2.csv row 1 ('a'): column 'value': a count target (no 'variable') cannot be "
+         ("t2.csv: data row 1 ('a'): column 'value': a count target (no 'variable') cannot be "
           "negative",), _text("t2.csv", "name,value,filter\na,-5,state == 'CA'\n")),
     Case("targets-nan-value", T2, 1,
-         ("t2.csv row 1 ('a'): column 'value' must be finite, got 'nan'",),
+         ("t2.csv: data row 1 ('a'): column 'value' must be finite, got 'nan'",),
          _text("t2.csv", "name,value,filter\na,nan,state == 'CA'\n")),
     Case("targets-zero-by-zero", T2, 1,
-         ("t2.csv row 1 ('a'): column 'filter': '/' has no defined result (such as 0/0) in "
+         ("t2.csv: data row 1 ('a'): column 'filter': '/' has no defined result (such as 0/0) in "
           "2 rows",), _text("t2.csv", "name,value,filter\na,5,income / income > 0\nb,3,\n")),
-    Case("targets-empty-value", T2, 1, ("t2.csv row 1 ('a'): column 'value' is empty",),
+    Case("targets-empty-value", T2, 1, ("t2.csv: data row 1 ('a'): column 'value' is empty",),
          _text("t2.csv", "name,value,filter\na,,state == 'CA'\n")),
     Case("targets-long-name", T2, 1,
-         ("t2.csv row 1 ('aaaa", "column 'name' is 5,000 characters long"),
+         ("t2.csv: data row 1 ('aaaa", "column 'name' is 5,000 characters long"),
          _text("t2.csv", "name,value\n" + "a" * 5000 + ",5\n")),
-    Case("targets-unknown-entity", T2, 1, ("t2.csv row 1 ('a'): column 'entity'",),
+    Case("targets-unknown-entity", T2, 1, ("t2.csv: data row 1 ('a'): column 'entity'",),
          _text("t2.csv", "name,value,entity\na,5,house\n")),
-    Case("targets-syntax", T2, 1, ("t2.csv row 1 ('a'): column 'filter': syntax error",),
+    Case("targets-syntax", T2, 1, ("t2.csv: data row 1 ('a'): column 'filter': syntax error",),
          _text("t2.csv", "name,value,filter\na,5,state ==\n")),
+    Case("targets-one-problem-in-many-rows", T2, 1,
+         ("Error: t2.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more): column 'variable': "
+          "column 'incme' is not in the data (did you mean 'income'?)",),
+         _many_targets(102, "incme"), lines=1),
+    Case("targets-many-problems", T2, 1,
+         ("t2.csv: 8 problems:\n  - data row 1 ('a'): column 'value': 'x' is not a number\n",
+          "  - data row 5 ('e'): column 'value': 'x4' is not a number\n  - and 3 more\n"),
+         _text("t2.csv", "name,value\n" + "".join(f"{c},x{i or ''}\n"
+                                                  for i, c in enumerate("abcdefgh"))),
+         lines=7),
     # -------------------------------------------------------------- options
     Case("target-records-zero", [*R, "--target-records", "0"], 1,
          ("target_records must be between 1 and the number of records (5), got 0",)),
     Case("target-records-too-many", [*R, "--target-records", "99"], 1,
          ("target_records must be between 1 and the number of records (5), got 99",)),
     Case("holdout-unknown", [*R, "--holdout", "nosuch"], 1, ("unknown target name 'nosuch'",)),
+    Case("holdout-many-unknown", [*R, "--holdout", "a,b,c,d,e,f,g"], 1,
+         ("7 unknown target names: 'a', 'b', 'c', 'd', 'e' and 2 more",), lines=1),
     Case("holdout-both", [*R, "--holdout", "households", "--holdout-fraction", "0.1"], 2,
          ("give --holdout or --holdout-fraction, not both",)),
     Case("holdout-fraction-range", [*R, "--holdout-fraction", "1.5"], 2,
@@ -328,9 +372,37 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert fragment in result.output, result.output
     if case.code == 1:
         assert result.output.lstrip().startswith("Error: "), result.output
+        # The file is named once: never "t.csv: t.csv row 3".
+        where, _, rest = result.output.strip().removeprefix("Error: ").partition(": ")
+        assert not rest.startswith(where), result.output
+    if case.lines is not None:
+        assert len(result.output.strip().splitlines()) <= case.lines, result.output
     assert "Traceback" not in result.output
     assert not isinstance(result.exception, Exception) or isinstance(
         result.exception, SystemExit
     ), repr(result.exception)
     assert _snapshot(tmp_path) == before  # nothing written, nothing left, inputs unchanged
     assert not (tmp_path / "pwned").exists()
+
+
+def test_check_json_lists_every_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message shows one line for 102 rows with one problem; `check --json` gives every
+    row's problem to a program, on stdout, still with exit code 1."""
+    shutil.copy(TINY / "households.csv", tmp_path / "households.csv")
+    _many_targets(102, "incme")(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(
+        app, ["check", "households.csv", "t2.csv", "--json"]
+    )
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert out["file"] == "t2.csv"
+    assert out["error_type"] == "TargetError"
+    assert out["error"].startswith("t2.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more)")
+    assert len(out["problems"]) == 102
+    assert out["problems"][101] == (
+        "data row 102 ('t101'): column 'variable': column 'incme' is not in the data "
+        "(did you mean 'income'?)"
+    )
+    assert result.stderr.startswith("Error: t2.csv: data rows 1-102")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -3,7 +3,9 @@ report files' tolerance columns, and `select`'s option names."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import webbrowser
 from pathlib import Path
 
 import pandas as pd
@@ -95,3 +97,106 @@ def test_select_takes_target_records_and_the_old_name(tmp_path: Path) -> None:
     missing = runner.invoke(app, base)
     assert missing.exit_code == 2
     assert "--target-records" in missing.output
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("open")
+    result = runner.invoke(app, [
+        "reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"), "--persons",
+        str(TINY / "persons.csv"), "--epochs", "5", "-o", str(d / "o.csv"), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    return d / "o_report"
+
+
+def _browser(monkeypatch: pytest.MonkeyPatch, answer: bool | Exception) -> list[str]:
+    asked: list[str] = []
+
+    def fake_open(url: str, *args: object, **kwargs: object) -> bool:
+        asked.append(url)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(webbrowser, "open", fake_open)
+    return asked
+
+
+def test_report_open_says_what_it_opened(
+    tiny_report: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = _browser(monkeypatch, True)
+    result = runner.invoke(app, ["report", str(tiny_report), "--open"])
+    assert result.exit_code == 0, result.output
+    uri = (tiny_report / "report.html").resolve().as_uri()
+    assert asked == [uri]
+    assert f"opened {uri} in the web browser" in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("answer", [False, webbrowser.Error("could not locate runnable browser")])
+def test_report_open_without_a_browser_says_where_the_page_is(
+    tiny_report: Path, monkeypatch: pytest.MonkeyPatch, answer: bool | Exception
+) -> None:
+    """A server without a display: no browser starts (webbrowser.open answers False, or
+    raises). The page was written, so exit 0, and the message says where it is."""
+    _browser(monkeypatch, answer)
+    result = runner.invoke(app, ["report", str(tiny_report), "--open"])
+    assert result.exit_code == 0, result.output
+    page = (tiny_report / "report.html").resolve()
+    assert result.stderr == (
+        f"Warning: could not open a web browser here; the report is at {page}\n"
+    )
+    assert "opened" not in result.stdout
+
+
+def _description(help_text: str) -> list[list[str]]:
+    """The paragraphs of a command's description in its rendered help: the lines between
+    the usage line and the first panel, split at blank lines."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("╭"))
+    paragraphs: list[list[str]] = [[]]
+    for line in lines[start:end]:
+        if line.strip():
+            paragraphs[-1].append(line.rstrip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    return [p for p in paragraphs if p]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("command", ["reweight", "check", "calibrate", "select", "report"])
+def test_help_paragraphs_wrap_to_the_terminal(command: str, width: int) -> None:
+    """Docstrings are hard-wrapped in the source; the help joins each paragraph's lines so
+    the terminal wraps them once: every line but a paragraph's last is as full as the
+    next word allows (a line ending early, the rest of a source line on the next, is the
+    ragged help this pins against)."""
+    out = CliRunner(env={"COLUMNS": str(width)}).invoke(app, [command, "--help"]).output
+    paragraphs = _description(out)
+    assert len(paragraphs) >= 2, out  # the summary and at least one paragraph
+    for paragraph in paragraphs:
+        for line, following in itertools.pairwise(paragraph):
+            next_word = following.split()[0]
+            assert len(line) + 1 + len(next_word) > width - 2, (line, following)
+
+
+def test_help_keeps_list_items_and_paragraph_breaks() -> None:
+    from l0calib_cli.main import _paragraphs
+
+    doc = """Summary line that
+    goes on.
+
+    A paragraph wrapped
+    in the source:
+
+    - an item that
+      continues
+    - another item
+    1. a numbered one
+    """
+    assert _paragraphs(doc) == (
+        "Summary line that goes on.\n\nA paragraph wrapped in the source:\n\n"
+        "- an item that continues\n- another item\n1. a numbered one"
+    )

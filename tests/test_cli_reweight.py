@@ -147,7 +147,8 @@ def test_bad_targets_exit_1_and_write_nothing(tmp_path: Path) -> None:
                                  "-o", str(out)])  # fmt: skip
     assert result.exit_code == 1
     assert "Error: targets.csv: 2 problems:" in result.stderr
-    assert "targets.csv row 2 ('y'): column 'value': 'abc' is not a number" in result.stderr
+    assert "\n  - data row 2 ('y'): column 'value': 'abc' is not a number" in result.stderr
+    assert result.stderr.count("targets.csv") == 1  # the file is named once
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == [bad]
 
@@ -467,7 +468,7 @@ def test_entity_errors_before_fitting(tmp_path: Path, monkeypatch: pytest.Monkey
     result = runner.invoke(app, [*base, "--entity", f"spm_unit={tmp_path / 'bad.parquet'}",
                                  "--entity-link", "spm_unit=hh"])  # fmt: skip
     assert result.exit_code == 1
-    assert "bad.parquet: spm_unit table row 0: hh=-5 is not a household id" in result.output
+    assert "bad.parquet: spm_unit table data row 1: hh=-5 is not a household id" in result.output
     result = runner.invoke(app, [*base, "--entity", "spm_unit"])
     assert result.exit_code == 2
     assert "expected NAME=VALUE" in result.output
@@ -556,8 +557,8 @@ def test_two_processes_find_rows_linked_to_no_household(
                                  "--entity", f"spm_unit={tmp_path / 'bad.parquet'}",
                                  "--entity-link", "spm_unit=hh"])  # fmt: skip
     assert result.exit_code == 1
-    assert "bad.parquet: spm_unit table row 3: hh=-7 is not a household id" in result.output
+    assert "bad.parquet: spm_unit table data row 4: hh=-7 is not a household id" in result.output
     result = runner.invoke(app, [*common, "--persons", str(tmp_path / "persons_bad.parquet")])
     assert result.exit_code == 1
-    assert "person table row 5: person_household_id=-9 is not a household id" in result.output
+    assert "person table data row 6: person_household_id=-9 is not a household id" in result.output
     assert not (tmp_path / "households_reweighted.parquet").exists()

@@ -67,8 +67,58 @@ def test_bom_is_accepted(tmp_path: Path) -> None:
 def test_corrupt_parquet(tmp_path: Path) -> None:
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"this is not parquet")
-    with pytest.raises(DataError, match=r"^.*bad.parquet: cannot read parquet file"):
+    with pytest.raises(DataError, match=r"^.*bad.parquet: cannot read parquet file") as info:
         read_table(path)
+    assert str(info.value).count("bad.parquet") == 1  # pyarrow's own mention is dropped
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("a,b\n1,2\n3,4,5\n", "bad.csv: line 3: 3 fields where the header has 2 (malformed CSV)"),
+        ('a,b\n1,2\n3,"x\n5,6\n', "bad.csv: line 3: a quoted cell is never closed (malformed CSV)"),
+    ],
+)
+def test_malformed_csv_names_the_line(tmp_path: Path, text: str, says: str) -> None:
+    """Problems of the file's text are counted in lines of the file, the header line 1."""
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert str(info.value) == f"{path}: {says.removeprefix('bad.csv: ')}"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_missing_columns_are_named_once(tmp_path: Path, fmt: str) -> None:
+    path = write_table(FRAME, tmp_path / f"t.{fmt}")
+    with pytest.raises(DataError) as info:
+        read_table(path, columns=["household_id", "incme"])
+    assert str(info.value) == f"{path}: column 'incme' is not in the file"
+    with pytest.raises(DataError) as info:
+        read_table(path, columns=[f"c{i}" for i in range(8)])
+    assert str(info.value) == (
+        f"{path}: columns 'c0', 'c1', 'c2', 'c3', 'c4' and 3 more are not in the file"
+    )
+    with pytest.raises(DataError, match="column 'hh' is not in the file"):
+        read_table(path, where=("hh", [1]))
+    with pytest.raises(DataError, match="column 'x' is not in the file"):
+        read_table(path, rows=(0, 1), columns=["x"])
+
+
+def test_file_system_error_names_the_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "locked.csv"
+    path.write_text("a\n1\n")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pd, "read_csv", refuse)
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert str(info.value) == f"{path}: cannot read csv file: Permission denied"
 
 
 def test_text_columns_keep_leading_zeros(tmp_path: Path) -> None:

@@ -362,7 +362,7 @@ def test_prune_entities_drops_rows_of_dropped_households() -> None:
 def test_prune_entities_errors() -> None:
     bad = _entities()
     bad["person"].loc[2, "person_household_id"] = 9
-    with pytest.raises(DataError, match="person table row 2: person_household_id=9 is not a"):
+    with pytest.raises(DataError, match="person table data row 3: person_household_id=9 is not a"):
         prune_entities(bad, [1])
     split = _entities()
     split["tax_unit"].loc[3, "tax_unit_id"] = 30  # tax unit 30 now in households 3 and 3

@@ -197,21 +197,21 @@ def test_every_row_problem_is_reported(tmp_path: Path) -> None:
         read_targets(path)
     problems = info.value.problems
     assert problems == [
-        "targets.csv row 2 ('a'): duplicate target name (first used on row 1)",
-        "targets.csv row 3: column 'name' is empty",
-        "targets.csv row 4 ('b'): column 'value': 'abc' is not a number",
-        "targets.csv row 5 ('c'): column 'value' must be finite, got 'inf'",
-        "targets.csv row 6 ('d'): column 'entity': unknown entity 'houshold'; expected one of "
+        "data row 2 ('a'): duplicate target name (first used on data row 1)",
+        "data row 3: column 'name' is empty",
+        "data row 4 ('b'): column 'value': 'abc' is not a number",
+        "data row 5 ('c'): column 'value' must be finite, got 'inf'",
+        "data row 6 ('d'): column 'entity': unknown entity 'houshold'; expected one of "
         "household, person (did you mean 'household'?)",
-        "targets.csv row 7 ('e'): column 'importance' must be >= 0, got -1",
-        "targets.csv row 8 ('f'): column 'tolerance' must be >= 0, got -0.5",
-        "targets.csv row 9 ('g'): column 'variable': syntax error at the end in 'x +': "
-        "invalid syntax",
-        "targets.csv row 10 ('h'): column 'filter': syntax error at the end in 'age >': "
-        "invalid syntax",
-        "targets.csv row 11 ('i'): column 'value' is empty",
+        "data row 7 ('e'): column 'importance' must be >= 0, got -1",
+        "data row 8 ('f'): column 'tolerance' must be >= 0, got -0.5",
+        "data row 9 ('g'): column 'variable': syntax error at the end in 'x +': invalid syntax",
+        "data row 10 ('h'): column 'filter': syntax error at the end in 'age >': invalid syntax",
+        "data row 11 ('i'): column 'value' is empty",
     ]
-    assert str(info.value).startswith("targets.csv: 10 problems:\n  - targets.csv row 2")
+    assert str(info.value).startswith(
+        "targets.csv: 10 problems:\n  - data row 2 ('a'): duplicate target name"
+    )
 
 
 def test_missing_required_and_misspelt_columns(tmp_path: Path) -> None:
@@ -257,19 +257,19 @@ def test_unknown_column_type_error_and_missing_values_in_data(tmp_path: Path) ->
     with pytest.raises(TargetError) as info:
         build_estimate_matrix(hh, path)
     assert info.value.problems == [
-        "targets.csv row 1 ('snap_CA'): column 'variable': column 'incme' is not in "
+        "data row 1 ('snap_CA'): column 'variable': column 'incme' is not in "
         "the data (did you mean 'income'?)",
-        "targets.csv row 2 ('bad_cmp'): column 'filter': cannot compare text with a number "
+        "data row 2 ('bad_cmp'): column 'filter': cannot compare text with a number "
         "using '==' (quote text values: state == \"CA\")",
-        "targets.csv row 3 ('nan_income'): column 'variable': column 'income' has missing "
+        "data row 3 ('nan_income'): column 'variable': column 'income' has missing "
         "values in 1 row used by this expression (handle them with isnull() or where())",
-        "targets.csv row 6 ('text_var'): column 'variable': a variable must be numeric, got text",
-        "targets.csv row 7 ('num_filter'): column 'filter': a filter must be true/false, got a "
+        "data row 6 ('text_var'): column 'variable': a variable must be numeric, got text",
+        "data row 7 ('num_filter'): column 'filter': a filter must be true/false, got a "
         "number (use a comparison such as x > 0)",
-        "targets.csv row 8 ('persons_missing'): entity 'person' needs a persons table, and "
+        "data row 8 ('persons_missing'): entity 'person' needs a persons table, and "
         "none was given (--persons FILE)",
-        "targets.csv row 9 ('inf_var'): column 'variable': the variable gives non-finite "
-        "values (inf or NaN) in 2 rows (rows 1, 3)",
+        "data row 9 ('inf_var'): column 'variable': the variable gives non-finite "
+        "values (inf or NaN) in 2 rows of households (data rows 1, 3)",
     ]
 
 
@@ -284,9 +284,9 @@ def test_zero_support_is_flagged_not_dropped(tmp_path: Path) -> None:
     with pytest.raises(TargetError) as info:
         build_estimate_matrix(tiny("households.csv"), path)
     assert info.value.problems == [
-        "targets.csv row 1 ('nobody'): zero support: its filter selects no record, so no "
+        "data row 1 ('nobody'): zero support: its filter selects no record, so no "
         "weighting can reach 5 (fix the filter or remove the target)",
-        "targets.csv row 2 ('zero_sum'): zero support: every contribution is 0, so no "
+        "data row 2 ('zero_sum'): zero support: every contribution is 0, so no "
         "weighting can reach 5 (fix the filter or remove the target)",
     ]
     em = build_estimate_matrix(tiny("households.csv"), path, allow_zero_support=True)
@@ -303,9 +303,9 @@ def test_household_problems_are_all_reported() -> None:
     with pytest.raises(DataError) as info:
         build_estimate_matrix(hh, TINY / "targets.csv")
     assert info.value.problems == [
-        "column 'household_id' must be unique; 2 rows share an id (rows 1, 2; ids 1)",
-        "column 'household_weight' must be finite; 1 rows are missing or infinite (rows 4)",
-        "column 'household_weight' must be >= 0; 1 rows are negative (rows 3)",
+        "column 'household_id' must be unique; 2 rows share an id (data rows 1, 2; ids 1)",
+        "column 'household_weight' must be finite; missing or infinite in 1 row (data row 4)",
+        "column 'household_weight' must be >= 0; negative in 1 row (data row 3)",
     ]
     assert str(info.value).startswith("households: 3 problems:")
 
@@ -333,7 +333,7 @@ def test_persons_pointing_at_unknown_households() -> None:
         build_estimate_matrix(tiny("households.csv"), TINY / "targets.csv", persons)
     assert str(info.value) == (
         "persons: 2 persons point at households not in households "
-        "(column 'person_household_id', rows 1, 5; ids 99, 98)"
+        "(column 'person_household_id', data rows 1, 5; ids 99, 98)"
     )
     with pytest.raises(DataError, match="household link column 'hh' is not in the data"):
         build_estimate_matrix(
@@ -372,7 +372,7 @@ def test_fixture_survey_builds() -> None:
     assert em.support().min() > 0
 
 
-def test_missing_persons_table_is_one_problem(tmp_path: Path) -> None:
+def test_missing_persons_table_is_one_line(tmp_path: Path) -> None:
     path = _targets_csv(
         tmp_path,
         "name,value,filter,entity\nkids,1,age < 18,person\nadults,1,age >= 18,person\n"
@@ -380,7 +380,66 @@ def test_missing_persons_table_is_one_problem(tmp_path: Path) -> None:
     )
     with pytest.raises(TargetError) as info:
         build_estimate_matrix(tiny("households.csv"), path)
-    assert info.value.problems == [
-        "targets.csv row 1 ('kids') (and 2 more person targets): entity 'person' needs a "
+    # One cause, one line naming its rows; every row's problem is kept for a program.
+    assert str(info.value) == (
+        "targets.csv: data rows 1-3 ('kids', 'adults', 'old'): entity 'person' needs a "
         "persons table, and none was given (--persons FILE)"
-    ]
+    )
+    assert len(info.value.problems) == 3
+    assert info.value.problems[2].startswith("data row 3 ('old'): entity 'person' needs")
+
+
+def test_one_problem_in_many_rows_is_one_line(tmp_path: Path) -> None:
+    """102 rows using a column the data lacks: the message is one line naming the rows
+    (runs, the first names, how many more); ``problems`` keeps every row's problem."""
+    rows = "".join(f"t{i},1,incme\n" for i in range(102))
+    path = _targets_csv(tmp_path, "name,value,variable\n" + rows + "ok,1,income\n")
+    with pytest.raises(TargetError) as info:
+        build_estimate_matrix(tiny("households.csv"), path)
+    assert str(info.value) == (
+        "targets.csv: data rows 1-102 ('t0', 't1', 't2' and 99 more): column 'variable': "
+        "column 'incme' is not in the data (did you mean 'income'?)"
+    )
+    assert info.value.where == "targets.csv"
+    assert len(info.value.problems) == 102
+    assert info.value.problems[0].startswith("data row 1 ('t0'): column 'variable'")
+
+
+def test_many_problems_are_listed_up_to_five(tmp_path: Path) -> None:
+    bad = "".join(f"n{i},v{i}\n" for i in range(7))  # 7 different problems
+    scattered = "".join(f"x{i},1,incme\n" if i % 2 else f"y{i},1\n" for i in range(6))
+    path = _targets_csv(tmp_path, "name,value,variable\n" + bad.replace("\n", ",\n") + scattered)
+    with pytest.raises(TargetError) as info:
+        build_estimate_matrix(tiny("households.csv"), path)
+    message = str(info.value)
+    assert message.startswith("targets.csv: 10 problems:\n  - data row 1 ('n0'): column 'value'")
+    assert message.endswith("  - and 3 more")  # 8 lines: 7 rows' own problems, 1 shared
+    assert len(message.splitlines()) == 7
+    assert len(info.value.problems) == 10
+    assert info.value.problems[-1].startswith("data row 13 ('x5'): column 'variable'")
+
+
+def test_rows_sharing_a_problem_are_named_as_runs(tmp_path: Path) -> None:
+    rows = "".join(
+        f"t{i},1,{'incme' if i in (0, 1, 3, 4, 5, 9) else 'income'}\n" for i in range(10)
+    )
+    path = _targets_csv(tmp_path, "name,value,variable\n" + rows)
+    with pytest.raises(TargetError, match=re.escape(
+        "targets.csv: data rows 1, 2, 4-6, 10 ('t0', 't1', 't3' and 3 more): column 'variable'"
+    )):  # fmt: skip
+        build_estimate_matrix(tiny("households.csv"), path)
+
+
+def test_listed_and_from_problems_cap_long_lists() -> None:
+    from l0calib.exceptions import listed
+
+    assert listed(["a", "b"]) == "a, b"
+    assert listed([str(i) for i in range(102)]) == "0, 1, 2, 3, 4 and 97 more"
+    error = DataError.from_problems("h.csv", [f"problem {i}" for i in range(9)])
+    assert str(error) == (
+        "h.csv: 9 problems:\n  - problem 0\n  - problem 1\n  - problem 2\n  - problem 3\n"
+        "  - problem 4\n  - and 4 more"
+    )
+    assert error.where == "h.csv"
+    assert len(error.problems) == 9
+    assert str(DataError.from_problems("h.csv", ["only"])) == "h.csv: only"
