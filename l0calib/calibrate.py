@@ -45,6 +45,7 @@ from l0calib._checks import nonneg, positive_int, ratio_bounds
 from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs, coverage_risk
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
 from l0calib.exceptions import ConvergenceWarning, CoverageWarning, ParameterError, TargetError
+from l0calib.exchange import ExchangeResult, exchange
 from l0calib.hardconcrete import _WORK_DTYPES, HardConcrete
 from l0calib.io import atomic_path
 from l0calib.refit import RatioSolution, solve_ratios
@@ -617,6 +618,8 @@ def _solve_ratios(
 # (up to _SWAP_ROUNDS times); after that, this floor on w / base keeps the count exact.
 _SWAP_ROUNDS = 3
 _FLOOR = 1e-4
+# Exchange rounds after the refit with target_records (l0calib.exchange); 0 turns them off.
+EXCHANGE_ROUNDS = 10
 # A fitted target whose abs relative error exceeds max(MAX_ERROR, its tolerance) is
 # "missed" by default: far outside anything a calibration should return unremarked.
 MAX_ERROR = 0.5
@@ -634,6 +637,7 @@ def _refit_subset(
     fixed: np.ndarray | None = None,
     coverage: Coverage | None = None,
     ratio_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    exchange_rounds: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Refit the weights of the ``kept`` records, starting from and pulled toward ``base``.
 
@@ -641,7 +645,9 @@ def _refit_subset(
     to the floor are replaced by the next ones in ``order`` (candidates, best first);
     ``fixed`` records are never swapped out, nor is a record that ``coverage`` says a
     target needs. ``ratio_bounds`` are per-record (lower, upper) bounds on ``w / base``,
-    shape (n_records,) each.
+    shape (n_records,) each. With ``exact`` and ``exchange_rounds``, up to that many
+    exchange rounds (:mod:`l0calib.exchange`) then swap kept records for any others that
+    lower the refit's objective, at the same count.
     """
     kept = kept.copy()
     floor = _FLOOR if exact else 0.0
@@ -677,9 +683,21 @@ def _refit_subset(
         kept[candidates] = True
         ratio[candidates] = 1.0
         swaps += int(candidates.size)
+    exchanged = {}
+    if exact and exchange_rounds > 0 and kept.sum() < n:
+        ex = _exchange(pb, kept, (idx, r, res), base, lambda_l2, max_iter, lo_all, hi_all,
+                       floor, fixed, coverage, exchange_rounds)  # fmt: skip
+        kept, idx, r, res = ex.kept, ex.idx, ex.ratios, ex.solution
+        at_floor = r <= np.maximum(lo_all[idx], floor) * (1 + 1e-9)
+        exchanged = {
+            "exchange_swaps": ex.swaps,
+            "exchange_rounds": ex.rounds,
+            "refit_objective_before_exchange": ex.objective_before,
+        }
     w = np.zeros(pb.em.n_records)
     w[idx] = np.maximum(base[idx], 1e-12) * r
     return w, {
+        **exchanged,
         "refit_converged": bool(res.success),
         "refit_message": str(res.message),
         "refit_iterations": total_iter,
@@ -689,6 +707,39 @@ def _refit_subset(
         "refit_method": res.method,
         "refit_objective": res.objective,
     }
+
+
+def _exchange(
+    pb: _Problem,
+    kept: np.ndarray,
+    start: tuple[np.ndarray, np.ndarray, RatioSolution],
+    base: np.ndarray,
+    lambda_l2: float,
+    max_iter: int,
+    lo_all: np.ndarray,
+    hi_all: np.ndarray,
+    floor: float,
+    fixed: np.ndarray | None,
+    coverage: Coverage | None,
+    rounds: int,
+) -> ExchangeResult:
+    """Exchange rounds on the refit of ``pb`` (:func:`l0calib.exchange.exchange`)."""
+    base = np.maximum(base, 1e-12)
+    lower = np.maximum(lo_all, floor)
+
+    def solve(mask: np.ndarray, prev: RatioSolution) -> tuple[np.ndarray, np.ndarray, Any]:
+        i = np.flatnonzero(mask)
+        r, sol = _solve_ratios(pb, i, base[i], lambda_l2, lower=lower[i], max_iter=max_iter,
+                               upper=hi_all[i], dual=prev.dual)  # fmt: skip
+        return i, r, sol
+
+    rows = np.flatnonzero(pb.fitted)
+    return exchange(
+        solve, kept, start, matrix=pb.em.matrix[rows], values=pb.em.values[rows],
+        scale=pb.scale[rows], tol=pb.tol[rows], coef=pb.coef[rows], base=base,
+        lambda_l2=lambda_l2, lower=lower, upper=hi_all, fixed=fixed, coverage=coverage,
+        rounds=rounds,
+    )  # fmt: skip
 
 
 def _result(
@@ -918,7 +969,9 @@ def _selection_mode(
     their inflated initial values, so the gates choose records whose design weights already
     hit the targets) and refit pull 3e-4. With fewer records per target, a *free* one
     (training pull 1e-3): the trained weights must move for the kept records to fit at
-    all. Measured in docs/benchmarks.md.
+    all. A pull of 0.03 raises the effective sample size of a free selection by about
+    0.1 K at a small cost in holdout accuracy (docs/benchmarks.md, "Pruning you can
+    trust"); holdout accuracy comes first, so 1e-3 stays the default.
     """
     if lambda_l2 is not None:
         return "given", lambda_l2, refit_l2
@@ -948,6 +1001,7 @@ def _select_and_refit(
     coverage_records: int = COVERAGE_RECORDS,
     bounds: tuple[float, float] | None = None,
     cover: Coverage | None = None,
+    exchange_rounds: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Keep exactly ``k_goal`` records (or the open gates) and refit their weights.
 
@@ -996,12 +1050,20 @@ def _select_and_refit(
         weights_out, info = _refit_subset(
             pb, kept, base, refit_l2, refit_max_iter,
             exact=k_goal is not None, order=order, fixed=fixed, coverage=cover,
-            ratio_bounds=ratio_bounds,
+            ratio_bounds=ratio_bounds, exchange_rounds=exchange_rounds,
         )  # fmt: skip
     if cover is not None:
         info["coverage_exchanged"] = exchanged
         info["coverage_short"] = [pb.em.names[k] for k in cover.short(weights_out != 0)]
     return weights_out, before, info, scores
+
+
+def _check_exchange_rounds(rounds: Any) -> None:
+    """``exchange_rounds`` must be None or an integer >= 0."""
+    if rounds is None:
+        return
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+        raise ParameterError(f"exchange_rounds must be an integer >= 0, got {rounds!r}")
 
 
 def _check_coverage(coverage: Any) -> int:
@@ -1059,6 +1121,7 @@ def calibrate(
     bounds: tuple[float, float] | None = None,
     max_error: float | None = MAX_ERROR,
     coverage: int = COVERAGE_RECORDS,
+    exchange_rounds: int | None = None,
     threads: int | None = None,
 ) -> CalibrationResult:
     """Calibrate weights to targets, optionally keeping exactly ``target_records`` records.
@@ -1085,7 +1148,9 @@ def calibrate(
         ``refit_l2`` 3e-4): a *balanced* selection, whose weights barely move in training,
         so the gates pick records whose inflated initial weights already hit the targets
         (better untargeted totals than a random draw at that size); otherwise 1e-3, a
-        *free* selection. ``info["selection"]`` says which (``"given"`` when passed); see
+        *free* selection (0.03 raises its effective sample size by about 0.1 K, from
+        0.67-0.72 K, at a small cost in holdout accuracy: ``docs/benchmarks.md``).
+        ``info["selection"]`` says which (``"given"`` when passed); see
         ``docs/engine.md``.
     epochs : int, default 600
         Training steps (each uses every record). The refit runs after them. Without gates
@@ -1165,6 +1230,14 @@ def calibrate(
         top-K step and in the refit's swaps (:mod:`l0calib.coverage`). 0 turns it off.
         When ``target_records`` looks too small to cover every target, a
         :class:`~l0calib.CoverageWarning` names them before training.
+    exchange_rounds : int, optional
+        With ``target_records``: after the refit, up to this many rounds exchange kept
+        records for others that lower the refit's objective (fit plus pull), the count
+        staying exactly ``target_records`` (:mod:`l0calib.exchange`; coverage, bounds and
+        ``always_keep`` hold). ``info["exchange_swaps"]`` counts the records exchanged.
+        Default 10, except after a balanced selection (see ``lambda_l2``), where they were
+        measured to cost holdout accuracy (they trade the balance for the fit): 0 there.
+        0 turns them off.
     threads : int, optional
         Threads for this fit (torch's and the BLAS libraries' together; capped at the
         cores this process may use). Default: 1 below two million records and 20 million
@@ -1220,6 +1293,8 @@ def calibrate(
     if max_error is not None:
         nonneg("max_error", max_error)
     coverage = _check_coverage(coverage)
+    if exchange_rounds is not None:
+        _check_exchange_rounds(exchange_rounds)
     k_goal = target_records
     cover = None
     if k_goal is not None and k_goal < n and coverage:
@@ -1252,6 +1327,8 @@ def calibrate(
                 fit, pb, k_goal, loop.survivors, fixed=fixed, refit=refit, refit_l2=refit_l2,
                 refit_anchor=refit_anchor, refit_max_iter=refit_max_iter,
                 coverage_records=coverage, bounds=bounds, cover=cover,
+                exchange_rounds=(EXCHANGE_ROUNDS if selection != "balanced" else 0)
+                if exchange_rounds is None else exchange_rounds,
             )  # fmt: skip
             if log.path is not None:
                 final = em.estimates(weights_out)
@@ -1495,3 +1572,4 @@ def check_options(n_records: int, **options: Any) -> None:
     if given["max_error"] is not None:
         nonneg("max_error", given["max_error"])
     _check_coverage(given["coverage"])
+    _check_exchange_rounds(given["exchange_rounds"])

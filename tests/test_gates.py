@@ -161,10 +161,15 @@ def test_fitted_sample_gate_keeps_exactly_k_with_calibrated_weights(survey: tupl
     assert np.array_equal(np.flatnonzero(gate.weights_), idx)
     assert np.allclose(em.estimates(gate.weights_), gate.result_.report["estimate"])
     # The learned keep-probabilities were loaded into the gates, and the kept records are
-    # mostly the likeliest (the refit may swap out a few that it drives to zero).
+    # the likeliest but for those the coverage step, the refit's swaps and the exchange
+    # rounds replaced (each counted in info).
     p = gate.keep_probability()
     assert np.allclose(p, gate.result_.keep_probability, atol=1e-5)
-    assert np.isin(idx, np.argsort(-p)[:500]).mean() > 0.9
+    info = gate.result_.info
+    replaced = (
+        info.get("coverage_exchanged", 0) + info["refit_swaps"] + info.get("exchange_swaps", 0)
+    )
+    assert (~np.isin(idx, np.argsort(-p)[:500])).sum() <= replaced
 
 
 def test_sample_gate_of_every_record_calibrates_all() -> None:
