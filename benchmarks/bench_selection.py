@@ -58,6 +58,19 @@ def build_problem(
     return s, em
 
 
+def fixture_problem():
+    """The shipped fixture data/fixtures/survey_5k (236 targets, none rare)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from l0calib import build_estimate_matrix
+
+    d = Path(__file__).resolve().parent.parent / "data" / "fixtures" / "survey_5k"
+    hh, pp = pd.read_parquet(d / "households.parquet"), pd.read_parquet(d / "persons.parquet")
+    return None, build_estimate_matrix(hh, pd.read_csv(d / "targets.csv"), pp)
+
+
 def aux_problem(s, em, importance: float):
     """``em`` plus balance totals: numeric household columns (and a count) by state."""
     import scipy.sparse as sp
@@ -189,6 +202,11 @@ def main() -> None:
         default=0.02,
         help="second-source national totals off by this much (0: none)",
     )
+    p.add_argument(
+        "--fixture",
+        action="store_true",
+        help="use data/fixtures/survey_5k instead of synthetic_survey",
+    )
     p.add_argument("--floor", action="store_true",
                    help="also refit every record with pull 1e-9: the least-squares floor of "
                    "the engine's loss, below which no selection's refit can go")  # fmt: skip
@@ -221,7 +239,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    s, em = build_problem(args.households, args.survey_seed, args.perturbation, args.disagreement)
+    if args.fixture:
+        s, em = fixture_problem()
+    else:
+        s, em = build_problem(
+            args.households, args.survey_seed, args.perturbation, args.disagreement
+        )
     k, n = args.keep, em.n_records
     variants = [v for v in args.variants.split(",") if v]
     aux = aux_problem(s, em, args.aux_importance) if any("aux" in v for v in variants) else None
@@ -247,7 +270,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 extra = {}
                 # Options after "+", any number: bLO:HI (bounds), rX (refit pull), lX
-                # (training pull); e.g. aux+b0.3:3 or default+l0.03+r0.003.
+                # (training pull), xN (exchange rounds); e.g. aux+b0.3:3, default+l0.03+x0.
                 v_base, *opts = v.split("+")
                 for opt in opts:
                     if opt.startswith("l"):
@@ -257,6 +280,8 @@ def main() -> None:
                         extra["bounds"] = (lo, hi)
                     elif opt.startswith("r"):
                         extra["refit_l2"] = float(opt[1:])
+                    elif opt.startswith("x"):
+                        extra["exchange_rounds"] = int(opt[1:])
                     else:
                         raise SystemExit(f"unknown option {opt!r} in variant {v}")
                 if v_base == "cube":

@@ -308,7 +308,9 @@ def calibrate_shard(
     Every rank calls it with its own contiguous block; options must be the same on every
     rank. Options are those of :func:`l0calib.calibrate` (``refit_anchor`` is "initial",
     ``always_keep`` is not offered; the coverage guarantee holds as in a single process,
-    but no :class:`~l0calib.CoverageWarning` is given before training), plus:
+    but no :class:`~l0calib.CoverageWarning` is given before training; no exchange rounds
+    (:mod:`l0calib.exchange`) follow the refit, so a sharded run equals a single process
+    with ``exchange_rounds=0``), plus:
 
     Parameters
     ----------

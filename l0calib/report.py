@@ -138,6 +138,8 @@ def summary(
         "refit_converged": info.get("refit_converged"),
         "refit_iterations": info.get("refit_iterations"),
         "refit_message": info.get("refit_message"),
+        # Records exchanged after the refit (l0calib.exchange); None when none ran.
+        "exchange_swaps": info.get("exchange_swaps"),
         "method": result.method,
         "l0calib_version": __version__,
     }
