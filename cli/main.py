@@ -670,27 +670,21 @@ def reweight(
     in the same layout (`-o small.h5`).
     """
     if is_hdf5(microdata):
-        if persons is not None or entity or entity_link or nproc > 1 or checkpoint is not None:
-            raise typer.BadParameter(
-                "an HDF5 dataset holds its persons and entities: --persons, --entity, "
-                "--entity-link, --nproc and --checkpoint do not apply"
-            )
-        names = (id_column, weight_column, person_household_column)
-        if names != ("household_id", "household_weight", "person_household_id"):
-            raise typer.BadParameter(
-                "an HDF5 dataset uses PolicyEngine's names (household_id, household_weight, "
-                "person_household_id): --id-column, --weight-column and "
-                "--person-household-column do not apply"
-            )
+        _hdf5_refusals(
+            "--persons, --entity, --entity-link, --nproc and --checkpoint do not apply",
+            persons is not None or bool(entity or entity_link) or nproc > 1
+            or checkpoint is not None,
+            (id_column, weight_column, person_household_column),
+        )  # fmt: skip
         _check_holdout(holdout, holdout_fraction)
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
-               "device": device, "dtype": dtype, "threads": threads}  # fmt: skip
+               "device": device, "dtype": dtype, "threads": threads,
+               "bounds": _parse_bounds(bounds), "max_error": max_error}  # fmt: skip
         _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
                        holdout_fraction, force, quiet)  # fmt: skip
         return
-    if period is not None:
-        raise typer.BadParameter("only for HDF5 input (.h5)", param_hint="--period")
+    _no_period(period)
     if resume and checkpoint is None:
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
@@ -746,7 +740,8 @@ def reweight(
                 bounds=run.bounds, max_error=max_error,
             )  # fmt: skip
             phases.release()
-            _warn_targets(em, quiet, exclude=held, target_records=target_records)
+            _warn_targets(em, quiet, exclude=held, target_records=target_records,
+                          bounds=run.bounds)  # fmt: skip
             with (
                 phases.fitting(epochs) as callback,
                 warnings.catch_warnings(record=True) as seen,
@@ -779,36 +774,91 @@ def _reweight_hdf5(
 ) -> None:  # fmt: skip
     """`reweight` of a PolicyEngine HDF5 dataset: read one period, calibrate the households
     (person targets through person_household_id), write the pruned file and the report."""
-    from l0calib.hdf5 import read_hdf5, write_hdf5
-
-    out = output if output is not None else Path(f"{microdata.stem}_reweighted.h5")
-    if not is_hdf5(out):
-        raise typer.BadParameter("an HDF5 input is written as HDF5: give a .h5 path",
-                                 param_hint="-o")  # fmt: skip
+    out = _hdf5_output(microdata, output, "reweighted")
     outs = _plan_outputs(microdata, targets, None, out, report_dir, log, force)
     with user_errors(), outs.plan.transaction() as tx, _Phases(quiet) as phases:
         log_tmp = tx.path("log") if log is not None else None
-        with phases.phase("reading", inputs=True):
-            data = read_hdf5(microdata, period=period)
-        with phases.phase("building the matrix", inputs=True):
-            em = l0calib.build_estimate_matrix(data.households, targets, data.persons)
+        data, em = _read_hdf5(microdata, targets, period, phases)
         held = _holdout_of(em, holdout, holdout_fraction, fit["seed"])
         check_options(em.n_records, **fit)
         phases.release()
-        _warn_targets(em, quiet, exclude=held, target_records=fit["target_records"])
+        _warn_targets(em, quiet, exclude=held, target_records=fit["target_records"],
+                      bounds=fit["bounds"])  # fmt: skip
         with phases.fitting(fit["epochs"]) as callback, warnings.catch_warnings():
             warnings.simplefilter("ignore", l0calib.ConvergenceWarning)
             result = l0calib.calibrate(em, holdout=held, callback=callback, log_path=log_tmp,
                                        **fit)  # fmt: skip
         with phases.phase("writing"):
-            write_hdf5(microdata, tx.path("table"), result.weights, period=data.period)
-            extra = {**outs.report_extra(), "period": data.period,
-                     "seconds_total": time.perf_counter() - outs.start}  # fmt: skip
-            tx.write_report(lambda d: write_report_files(result, d, n_targets=em.n_targets,
-                                                         extra=extra, matrix=em,
-                                                         tol=fit.get("tol")))  # fmt: skip
-        shown = _shown(result, em.n_targets, extra)
-    _finish(outs, shown, quiet)
+            shown = _write_hdf5_outputs(tx, outs, microdata, data.period, result.weights,
+                                        result, em, tol=fit["tol"])  # fmt: skip
+    _finish(outs, shown, quiet, fit["tol"])
+
+
+_PE_NAMES = ("household_id", "household_weight", "person_household_id")
+
+
+def _hdf5_refusals(not_applicable: str, given: bool, names: tuple[str, str, str]) -> None:
+    """Refuse the options an HDF5 input answers itself: its persons and entities
+    (``not_applicable`` names them, when ``given``) and PolicyEngine's column names."""
+    if given:
+        raise typer.BadParameter(
+            f"an HDF5 dataset holds its persons and entities: {not_applicable}"
+        )
+    if names != _PE_NAMES:
+        raise typer.BadParameter(
+            "an HDF5 dataset uses PolicyEngine's names (household_id, household_weight, "
+            "person_household_id): --id-column, --weight-column and "
+            "--person-household-column do not apply"
+        )
+
+
+def _hdf5_output(microdata: Path, output: Path | None, suffix: str) -> Path:
+    """The output of an HDF5 input: ``-o``, default ``<stem>_<suffix>.h5``, always HDF5."""
+    out = output if output is not None else Path(f"{microdata.stem}_{suffix}.h5")
+    if not is_hdf5(out):
+        raise typer.BadParameter("an HDF5 input is written as HDF5: give a .h5 path",
+                                 param_hint="-o")  # fmt: skip
+    return out
+
+
+def _read_hdf5(microdata: Path, targets: Path | None, period: str | None, phases: _Phases,
+               **options):  # fmt: skip
+    """One period of a PolicyEngine HDF5 dataset, and its matrix when ``targets`` are given
+    (the households and persons tables; person targets through person_household_id)."""
+    from l0calib.hdf5 import read_hdf5
+
+    with phases.phase("reading", inputs=True) as step:
+        data = read_hdf5(microdata, period=period)
+        step.status = f"{len(data.households):,} households, {len(data.persons):,} persons"
+    if targets is None:
+        return data, None
+    with phases.phase("building the matrix", inputs=True) as step:
+        em = l0calib.build_estimate_matrix(data.households, targets, data.persons, **options)
+        step.status = f"{em.n_targets:,} targets x {em.n_records:,} records"
+    return data, em
+
+
+def _write_hdf5_outputs(
+    tx: Transaction, outs: _Outputs, microdata: Path, period: str | None, weights,
+    result, em, *, tol: float | None = None, more: dict | None = None,
+) -> dict | None:  # fmt: skip
+    """The pruned copy of the HDF5 input (households with a non-zero weight) and, with a
+    fit, the report; the figures shown after."""
+    from l0calib.hdf5 import write_hdf5
+
+    write_hdf5(microdata, tx.path("table"), weights, period=period)
+    if result is None:
+        return None
+    extra = {**outs.report_extra(), **(more or {}), "period": period,
+             "seconds_total": time.perf_counter() - outs.start}  # fmt: skip
+    tx.write_report(lambda d: write_report_files(result, d, n_targets=em.n_targets,
+                                                 extra=extra, matrix=em, tol=tol))  # fmt: skip
+    return _shown(result, em.n_targets, extra)
+
+
+def _no_period(period: str | None) -> None:
+    if period is not None:
+        raise typer.BadParameter("only for HDF5 input (.h5)", param_hint="--period")
 
 
 def _torchrun_rank() -> tuple[int, int] | None:
@@ -896,6 +946,9 @@ def calibrate_command(
     max_iter: int = typer.Option(50, "--max-iter", help="Newton iterations."),
     entity: list[str] | None = ENTITY,
     entity_link: list[str] | None = ENTITY_LINK,
+    period: str | None = typer.Option(
+        None, "--period", help="HDF5 input: the period (e.g. 2024) to read and reweight."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
 ) -> None:
@@ -903,9 +956,18 @@ def calibrate_command(
 
     Every fitted target is met exactly (Deville & Sarndal 1992, as R's survey::calibrate);
     fails with a clear message when targets are linearly dependent or infeasible. Writes
-    the same files as `reweight`.
+    the same files as `reweight`; a PolicyEngine HDF5 dataset (`.h5`) is read and written
+    back as `reweight` does it (`--period`, `-o new.h5`).
     """
     parsed_bounds = _parse_bounds(bounds)
+    if is_hdf5(microdata):
+        _hdf5_refusals("--persons, --entity and --entity-link do not apply",
+                       persons is not None or bool(entity or entity_link),
+                       (id_column, weight_column, person_household_column))  # fmt: skip
+        _calibrate_hdf5(ctx, microdata, targets, method, parsed_bounds, output, report_dir,
+                        holdout, max_iter, period, force, quiet)  # fmt: skip
+        return
+    _no_period(period)
     outs = _plan_outputs(microdata, targets, persons, output, report_dir, None, force,
                          entity=entity, entity_link=entity_link,
                          options=ctx.params)  # fmt: skip
@@ -935,6 +997,41 @@ def calibrate_command(
     _finish(outs, shown, quiet)
 
 
+def _calibrate_hdf5(
+    ctx: typer.Context, microdata: Path, targets: Path, method: str,
+    bounds: tuple[float, float] | None, output: Path | None, report_dir: Path | None,
+    holdout: str | None, max_iter: int, period: str | None, force: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """`calibrate` of a PolicyEngine HDF5 dataset: every household of one period reweighted,
+    written back in the file's layout (a household whose weight ends at 0 is dropped)."""
+    out = _hdf5_output(microdata, output, "reweighted")
+    outs = _plan_outputs(microdata, targets, None, out, report_dir, None, force,
+                         options=ctx.params)  # fmt: skip
+    with user_errors(), outs.plan.transaction() as tx, _Phases(quiet) as phases:
+        data, em = _read_hdf5(microdata, targets, period, phases)
+        held = _holdout_of(em, holdout, None, 0)
+        check_method(method, bounds)
+        phases.release()
+        _warn_targets(em, quiet, exclude=held, bounds=bounds)
+        with phases.phase(f"calibrating ({method})"):
+            result = l0calib.calibrate_exact(
+                em, method=method, bounds=bounds, holdout=held,  # type: ignore[arg-type]
+                max_iter=max_iter,
+            )  # fmt: skip
+        negative = int((result.weights < 0).sum())
+        if negative:
+            raise l0calib.DataError(
+                f"{microdata}: method '{method}' gave {negative:,} negative weight(s); a "
+                "PolicyEngine dataset needs weights >= 0: use --method raking, logit or "
+                "truncated (with --bounds)"
+            )
+        with phases.phase("writing"):
+            more = {"bounds": list(bounds) if bounds else None}
+            shown = _write_hdf5_outputs(tx, outs, microdata, data.period, result.weights,
+                                        result, em, more=more)  # fmt: skip
+    _finish(outs, shown, quiet)
+
+
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def check(
     microdata: Path = MICRODATA,
@@ -949,9 +1046,15 @@ def check(
         None, "--target-records", help="Also flag targets at risk when only K households are kept."
     ),
     bounds: str | None = typer.Option(
-        None, "--bounds", help="LO,HI bounds on w / w0 the weights must stay within."
+        None,
+        "--bounds",
+        help="LO,HI bounds on final / initial weight; with --target-records, on final / "
+        "inflated initial weight (as reweight reads them), e.g. 0.2,5.",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    period: str | None = typer.Option(
+        None, "--period", help="HDF5 input: the period (e.g. 2024) to read and check."
+    ),
 ) -> None:
     """Validate microdata and targets without fitting: can the targets all be met?
 
@@ -961,14 +1064,25 @@ def check(
     can meet every target within its tolerance; if not, the least change to the target
     values that would, and the smallest sets of targets that contradict each other. With
     `--target-records K`, the targets a K-record sample would likely miss. Exits with 1 when
-    a target cannot be used, 3 when the targets cannot all be met, else 0.
+    a target cannot be used, 3 when the targets cannot all be met, else 0. A PolicyEngine
+    HDF5 dataset (`.h5`) is read as `reweight` reads it (`--period` choosing the period).
     """
     parsed_bounds = _parse_bounds(bounds)
+    hdf5 = is_hdf5(microdata)
+    if hdf5:
+        _hdf5_refusals("--persons does not apply", persons is not None,
+                       (id_column, weight_column, person_household_column))  # fmt: skip
+    else:
+        _no_period(period)
     with user_errors(json_output=json_output):
-        _, _, em = _load(
-            microdata, targets, persons, id_column, weight_column, person_household_column,
-            allow_zero_support=True,
-        )  # fmt: skip
+        if hdf5:
+            _, em = _read_hdf5(microdata, targets, period, _Phases(quiet=True),
+                               allow_zero_support=True)  # fmt: skip
+        else:
+            _, _, em = _load(
+                microdata, targets, persons, id_column, weight_column,
+                person_household_column, allow_zero_support=True,
+            )  # fmt: skip
         diagnosis = diagnose_targets(em, bounds=parsed_bounds, target_records=target_records)
         table_rows = annotate_check(
             check_targets(em, min_support=min_support, dependencies=diagnosis.dependent_names()),
@@ -1028,11 +1142,11 @@ def _show_check(targets: Path, em, table_rows, diagnosis, all_targets: bool) -> 
 
 
 def _warn_targets(em, quiet: bool, **options) -> None:
-    """`check`'s findings as warnings before a fit (they never stop it). Conflicts are
-    named with a small LP budget; `l0calib check` names them all."""
+    """`check`'s findings as warnings before a fit (they never stop it): the same search
+    with the same budget as `l0calib check`, so both name the same conflicts."""
     if quiet:
         return
-    diagnosis = diagnose_targets(em, max_conflicts=3, max_solves=60, **options)
+    diagnosis = diagnose_targets(em, **options)
     risks = diagnosis.pruning_risks
     # The engine keeps supporters of every fitted target (its coverage guarantee), so the
     # risk a uniform draw would run is one line here; `check` lists each target.
@@ -1100,6 +1214,9 @@ def select(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     entity: list[str] | None = ENTITY,
     entity_link: list[str] | None = ENTITY_LINK,
+    period: str | None = typer.Option(
+        None, "--period", help="HDF5 input: the period (e.g. 2024) to read and select from."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
     max_error: float = typer.Option(
@@ -1116,7 +1233,9 @@ def select(
     all selected weights are recalibrated (report directory as for `reweight`). Without
     targets, a random draw only, each household carrying its design weight (stratum weight
     total / households drawn from it). Writes the selected rows, in input order, with a
-    `selection` column (`l0` or `random`).
+    `selection` column (`l0` or `random`). A PolicyEngine HDF5 dataset (`.h5`) is read as
+    `reweight` reads it (`--period`) and written back pruned to the selected households
+    with their weights (`-o small.h5`; the file has no `selection` variable).
     """
     if records is not None:
         if target_records is not None:
@@ -1132,6 +1251,14 @@ def select(
     if targets is None and l0_fraction > 0:
         raise typer.BadParameter("the L0 part needs --targets", param_hint="--l0-fraction")
     _check_holdout(holdout, holdout_fraction)
+    hdf5 = is_hdf5(microdata)
+    if hdf5:
+        _hdf5_refusals("--persons, --entity and --entity-link do not apply",
+                       persons is not None or bool(entity or entity_link),
+                       (id_column, weight_column, person_household_column))  # fmt: skip
+        output = _hdf5_output(microdata, output, "selected")
+    else:
+        _no_period(period)
     outs = _plan_outputs(microdata, targets, persons, output, report_dir, None, force,
                          report=targets is not None, suffix="selected", entity=entity,
                          entity_link=entity_link, options=ctx.params)  # fmt: skip
@@ -1139,16 +1266,20 @@ def select(
     n_targets = None
     em = None
     with user_errors(), outs.plan.transaction() as tx, _Phases(quiet) as phases:
-        with phases.phase("reading", inputs=True):
-            households = read_table(microdata)
-            # Refused before any work: columns the output would add.
-            for added in ("selection", f"{weight_column}_initial"):
-                if added in households.columns:
-                    raise l0calib.DataError(
-                        f"{microdata}: column '{added}' already exists (the output adds it); "
-                        "rename it"
-                    )
-            person_frame = read_table(persons) if persons is not None else None
+        if hdf5:
+            data, _ = _read_hdf5(microdata, None, period, phases)
+            households, person_frame = data.households, data.persons
+        else:
+            with phases.phase("reading", inputs=True):
+                households = read_table(microdata)
+                # Refused before any work: columns the output would add.
+                for added in ("selection", f"{weight_column}_initial"):
+                    if added in households.columns:
+                        raise l0calib.DataError(
+                            f"{microdata}: column '{added}' already exists (the output adds "
+                            "it); rename it"
+                        )
+                person_frame = read_table(persons) if persons is not None else None
         entity_frames = read_entities(outs.entities, households, id_column)
         strata = None
         if stratify is not None:
@@ -1178,7 +1309,8 @@ def select(
                     households, targets, person_frame, id_column=id_column,
                     weight_column=weight_column,
                     person_household_column=person_household_column,
-                    table_names={"households": str(microdata), "persons": str(persons)},
+                    table_names={"households": str(microdata),
+                                 "persons": str(microdata if hdf5 else persons)},
                 )  # fmt: skip
             n_targets = em.n_targets
             held = _holdout_of(em, holdout, holdout_fraction, seed)
@@ -1203,12 +1335,16 @@ def select(
                               "records_kept": after.reindex(before.index, fill_value=0)
                               .to_dict()}  # fmt: skip
         with phases.phase("writing"):
-            shown = _write_outputs(
-                tx, outs, kept, person_frame, entity_frames, result, n_targets,
-                microdata=microdata, persons=persons, id_column=id_column,
-                weight_column=weight_column, person_household_column=person_household_column,
-                em=em, more=more,
-            )  # fmt: skip
+            if hdf5:
+                shown = _write_hdf5_outputs(tx, outs, microdata, data.period, weights, result,
+                                            em, more=more)  # fmt: skip
+            else:
+                shown = _write_outputs(
+                    tx, outs, kept, person_frame, entity_frames, result, n_targets,
+                    microdata=microdata, persons=persons, id_column=id_column,
+                    weight_column=weight_column,
+                    person_household_column=person_household_column, em=em, more=more,
+                )  # fmt: skip
     _finish(outs, shown, quiet)
 
 

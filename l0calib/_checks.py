@@ -29,3 +29,25 @@ def nonneg(name: str, value: object) -> float:
     if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
         raise ParameterError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def ratio_bounds(bounds: object) -> tuple[float, float] | None:
+    """``bounds`` as ``(lower, upper)`` floats, or None: the one rule for weight-ratio bounds.
+
+    ``0 <= lower <= 1 <= upper`` and ``lower < upper``; ``upper`` may be ``inf`` (no upper
+    bound). The ratio is a final weight over its *inflated initial weight* ``w0 * n / K``
+    when ``K`` records are kept (``target_records``), else over ``w0`` itself: what
+    :func:`l0calib.calibrate` bounds, and what :func:`l0calib.diagnose_targets` checks.
+    """
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(b) for b in bounds)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise ParameterError(f"bounds must be a pair (lower, upper), got {bounds!r}") from None
+    if not (math.isfinite(lo) and 0 <= lo <= 1 <= hi and lo < hi) or math.isnan(hi):
+        raise ParameterError(
+            "bounds (lower, upper) on the weight ratio must satisfy 0 <= lower <= 1 <= upper "
+            f"and lower < upper, got ({lo:g}, {hi:g})"
+        )
+    return lo, hi

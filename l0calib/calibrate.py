@@ -41,7 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from l0calib._checks import nonneg, positive_int
+from l0calib._checks import nonneg, positive_int, ratio_bounds
 from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs, coverage_risk
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
 from l0calib.exceptions import ConvergenceWarning, CoverageWarning, ParameterError, TargetError
@@ -874,18 +874,7 @@ def _ratio_summary(w: np.ndarray, ref: np.ndarray) -> dict[str, float] | None:
 
 def _check_bounds(bounds: Any) -> tuple[float, float] | None:
     """``(lo, hi)`` with ``0 <= lo <= 1 <= hi``, ``lo < hi`` (hi may be inf), or None."""
-    if bounds is None:
-        return None
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ParameterError(f"bounds must be a pair (lower, upper), got {bounds!r}") from None
-    if not (math.isfinite(lo) and 0 <= lo <= 1 <= hi and lo < hi) or math.isnan(hi):
-        raise ParameterError(
-            "bounds (lower, upper) on the weight ratio must satisfy 0 <= lower <= 1 <= upper "
-            f"and lower < upper, got ({lo:g}, {hi:g})"
-        )
-    return lo, hi
+    return ratio_bounds(bounds)
 
 
 @dataclass

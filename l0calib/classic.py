@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from l0calib._checks import ratio_bounds
 from l0calib.calibrate import CalibrationResult, _problem, _result
 from l0calib.diagnostics import dependent_targets, list_names
 from l0calib.exceptions import CalibrationError, ParameterError
@@ -94,14 +95,14 @@ def _check_method(method: str, bounds: Any) -> tuple[float, float] | None:
         if method in ("logit", "truncated"):
             raise ParameterError(f"method '{method}' needs bounds=(L, U) with L < 1 < U")
         return None
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ParameterError(f"bounds must be a pair (L, U), got {bounds!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < 1 < hi or lo < 0:
-        raise ParameterError(f"bounds must satisfy 0 <= L < 1 < U (finite), got ({lo}, {hi})")
+    lo, hi = ratio_bounds(bounds)  # the rule every entry point shares, then this one's
     if method == "raking":
         raise ParameterError("raking takes no bounds; use method='logit' for bounded raking")
+    if not (math.isfinite(hi) and lo < 1 < hi):
+        raise ParameterError(
+            f"method '{method}' needs bounds with 0 <= lower < 1 < upper, upper finite, got "
+            f"({lo:g}, {hi:g})"
+        )
     return (lo, hi)
 
 

@@ -2,8 +2,10 @@
 
 :func:`diagnose_targets` answers three questions about an :class:`~l0calib.EstimateMatrix`:
 
-1. **Feasibility.** Is there a weight vector ``w >= 0`` (with ``L <= w / w0 <= U`` when
-   ``bounds`` are given) whose totals ``A @ w`` meet every target within its tolerance? If
+1. **Feasibility.** Is there a weight vector ``w >= 0`` (within ``bounds`` when given: on
+   ``w / w0``, or with ``target_records = K`` on ``w / (w0 * n / K)`` as the engine reads
+   them, a record then also free to be dropped) whose totals ``A @ w`` meet every target
+   within its tolerance? If
    not, what is the least change to the target values that makes them feasible? This is a
    linear programme (minimum total relative change, solved with HiGHS through
    :func:`scipy.optimize.linprog`); each target's required move is reported with its
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from l0calib._checks import ratio_bounds
 from l0calib.diagnostics import dependent_targets, list_names
 from l0calib.exceptions import CalibrationError, ParameterError
 from l0calib.targets import EstimateMatrix
@@ -561,9 +564,7 @@ def _combo(names: list[str], coefs: np.ndarray, groups: list[object]) -> str:
     return " + ".join(terms) + more
 
 
-def _conflict(
-    prob: _Problem, rows: np.ndarray, irreducible: bool, bounds: tuple[float, float] | None
-) -> Conflict:
+def _conflict(prob: _Problem, rows: np.ndarray, irreducible: bool, weights: str) -> Conflict:
     """The certificate of an infeasible set, and a sentence for it."""
     em = prob.em
     _, _, y = prob.relax(rows)
@@ -579,11 +580,6 @@ def _conflict(
     n = len(rows)
     pos, neg = np.flatnonzero(c > 0), np.flatnonzero(c < 0)
     within = " within their tolerances" if np.any(prob.tol[rows] > 0) else ""
-    weights = (
-        f"weights within bounds [{bounds[0]:g}, {bounds[1]:g}] on w / w0"
-        if bounds is not None
-        else "non-negative weights"
-    )
     tail = f": these {n} targets cannot all hold{within}"
 
     def side(idx: np.ndarray, scale: float) -> tuple[str, float]:
@@ -781,16 +777,30 @@ def check_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- entry point
-def _check_bounds(bounds: Any) -> tuple[float, float] | None:
+def _lp_bounds(
+    bounds: tuple[float, float] | None, n: int, k: int | None
+) -> tuple[float, float] | None:
+    """Bounds on ``w / w0`` for the feasibility LP over every record.
+
+    ``bounds`` are on the ratio to the inflated initial weight ``w0 * n / k``; with ``k < n``
+    a record may also be dropped (w = 0), so the LP takes the convex hull of
+    ``{0} | [L n / k, U n / k]``, which is ``[0, U n / k]``.
+    """
+    if bounds is None or k is None:
+        return bounds
+    lo, hi = bounds
+    inflate = n / int(k)
+    return (lo if int(k) >= n else 0.0), hi * inflate
+
+
+def _weights_text(bounds: tuple[float, float] | None, n: int, k: int | None) -> str:
+    """How a conflict sentence names the admissible weights."""
     if bounds is None:
-        return None
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ParameterError(f"bounds must be a pair (L, U), got {bounds!r}") from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi and hi > 0):
-        raise ParameterError(f"bounds must satisfy 0 <= L <= U, U > 0 (finite), got {bounds!r}")
-    return lo, hi
+        return "non-negative weights"
+    lo, hi = bounds
+    if k is None or int(k) >= n:
+        return f"weights within bounds [{lo:g}, {hi:g}] on w / w0"
+    return f"weights of at most {hi:g} x the inflated initial weight (w0 x {n:,} / {int(k):,})"
 
 
 def diagnose_targets(
@@ -816,9 +826,16 @@ def diagnose_targets(
         Initial weights ``w0`` (default ``em.weights``, else ones). They scale the LP and
         anchor ``bounds``; without bounds any non-negative weights are admissible.
     bounds : (L, U), optional
-        Admissible ratios ``L <= w / w0 <= U`` (records with ``w0 = 0`` stay at 0). With
-        ``target_records`` the pruning risk reads them against the inflated weight
-        ``w0 * n / K``, as the engine does.
+        Bounds on the ratio of a final weight to its inflated initial weight
+        ``w0 * n / K`` (``w0`` itself without ``target_records``), read as
+        :func:`l0calib.calibrate` reads them: ``0 <= L <= 1 <= U``, ``L < U``, ``U`` may be
+        ``inf``. Records with ``w0 = 0`` stay at 0. Without ``target_records`` every record
+        keeps ``L <= w / w0 <= U`` (as :func:`l0calib.calibrate_exact` does). With
+        ``K = target_records < n`` a record is either dropped or kept within the bounds,
+        so the feasibility test allows ``0 <= w / w0 <= U * n / K`` (the convex hull of
+        both): a target found unreachable there is out of the engine's reach for any
+        selection of ``K`` records; one found reachable may still be missed by a
+        particular selection. The pruning risk reads the bounds the same way.
     tolerance : float or array of shape (n_targets,), optional
         Relative tolerance per target, replacing ``em.tolerance`` (a target is met when
         ``|A w - t| <= tolerance * max(|t|, 1)``).
@@ -871,7 +888,7 @@ def diagnose_targets(
     w0 = np.asarray(np.ones(n) if w0 is None else w0, dtype=np.float64).ravel()
     if w0.shape != (n,) or not np.all(np.isfinite(w0)) or np.any(w0 < 0):
         raise ParameterError(f"weights must be finite, >= 0 and of shape ({n},)")
-    bnds = _check_bounds(bounds)
+    bnds = ratio_bounds(bounds)
     if tolerance is None:
         tol = np.asarray(em.tolerance, dtype=np.float64)
     else:
@@ -893,7 +910,7 @@ def diagnose_targets(
     total = 0.0
     solves = 0
     if k > 0:
-        prob = _Problem(em, w0, tol, bnds)
+        prob = _Problem(em, w0, tol, _lp_bounds(bnds, n, target_records))
         rows = np.arange(k)
         total, delta, y = prob.relax(rows)
         if total > FEASIBILITY_TOL:
@@ -914,7 +931,8 @@ def diagnose_targets(
             found, complete = _find_conflicts(
                 prob, delta, y, max_conflicts=max_conflicts, max_solves=max_solves
             )
-            conflicts = [_conflict(prob, iis, done, bnds) for iis, done in found]
+            weights_text = _weights_text(bnds, n, target_records)
+            conflicts = [_conflict(prob, iis, done, weights_text) for iis, done in found]
             conflicts.sort(key=lambda c: (len(c.targets), c.targets))
         solves = prob.solves
     deps = _dependencies(em, tol, max_dependence_targets)

@@ -101,9 +101,11 @@ def test_infeasible_bounds_say_so() -> None:
     [
         ({"method": "ipf"}, "method must be one of linear, raking, logit, truncated"),
         ({"method": "logit"}, "method 'logit' needs bounds=(L, U) with L < 1 < U"),
-        ({"method": "logit", "bounds": (1.2, 2.0)}, "bounds must satisfy 0 <= L < 1 < U"),
+        ({"method": "logit", "bounds": (1.2, 2.0)}, "must satisfy 0 <= lower <= 1 <= upper"),
+        ({"method": "logit", "bounds": (1.0, 2.0)}, "needs bounds with 0 <= lower < 1 < upper"),
+        ({"method": "truncated", "bounds": (0.5, float("inf"))}, "upper finite, got (0.5, inf)"),
         ({"method": "raking", "bounds": (0.5, 2.0)}, "raking takes no bounds"),
-        ({"method": "linear", "bounds": "x"}, "bounds must be a pair (L, U)"),
+        ({"method": "linear", "bounds": "x"}, "bounds must be a pair (lower, upper)"),
         ({"max_iter": 0}, "max_iter must be a positive integer"),
         ({"tol": -1.0}, "tol must be a finite number > 0"),
     ],

@@ -334,3 +334,38 @@ def test_pruning_risk_with_bounds_flags_overshoot() -> None:
     assert risk.p_over == pytest.approx(hypergeom.sf(10, n, 200, k))
     assert "overshoot it at the lower ratio bound" in risk.reason
     assert "all" not in {r.name for r in d.pruning_risks}
+
+
+def test_bounds_with_target_records_are_read_on_the_inflated_weight() -> None:
+    # 4 records of w0 = 10; record 0 alone carries "income" (500 each). Bounds (0.5, 2) on
+    # w / (w0 n / K): with K = n they are bounds on w / w0; with K = 2 of 4 the inflated
+    # weight is 20, a kept record may weigh up to 40, and a dropped one 0.
+    a = np.array([[1.0, 1.0, 1.0, 1.0], [500.0, 0.0, 0.0, 0.0]])
+    w0 = np.full(4, 10.0)
+
+    def diagnose(hh: float, income: float, k: int | None):
+        em = EstimateMatrix.from_arrays(a, [hh, income], names=["hh", "income"], weights=w0)
+        return diagnose_targets(em, bounds=(0.5, 2.0), target_records=k)
+
+    # At most 2 x 10 x 500 = 10,000 on w / w0 (K = n reads the same), 20,000 with K = 2.
+    assert not diagnose(40.0, 15_000.0, None).feasible
+    assert not diagnose(40.0, 15_000.0, 4).feasible
+    assert diagnose(40.0, 15_000.0, 2).feasible
+    d = diagnose(40.0, 25_000.0, 2)
+    assert not d.feasible
+    assert d.changes[0].required_value == pytest.approx(20_000.0)
+    assert d.conflicts[0].message == (
+        "income (25,000) is above 20,000, the most that weights of at most 2 x the inflated "
+        "initial weight (w0 x 4 / 2) can give"
+    )
+    # The lower bound holds every record when all are kept (at least 0.5 x 40 = 20
+    # households), but dropped records weigh 0 when K < n.
+    assert not diagnose(12.0, 5_000.0, None).feasible
+    assert not diagnose(12.0, 5_000.0, 4).feasible
+    assert diagnose(12.0, 5_000.0, 2).feasible
+    # The shared rule: 0 <= lower <= 1 <= upper, upper may be inf.
+    em = EstimateMatrix.from_arrays(a[1:], [1e9], names=["income"], weights=w0)
+    assert not diagnose_targets(em, bounds=(0.5, 2.0), target_records=2).feasible
+    assert diagnose_targets(em, bounds=(0.5, float("inf")), target_records=2).feasible
+    with pytest.raises(ParameterError, match=r"0 <= lower <= 1 <= upper"):
+        diagnose_targets(em, bounds=(0.2, 0.8))

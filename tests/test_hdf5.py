@@ -232,3 +232,175 @@ def test_hdf5_errors(tmp_path: Path) -> None:
             read_hdf5(bad)
     with pytest.raises(DataError, match="the output would overwrite the input"):
         write_hdf5(data, data, np.ones(400), period=2024)
+
+
+def _export(data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The 2024 households and persons of ``data`` as Parquet tables (the same records)."""
+    back = read_hdf5(data, period=2024)
+    hh, persons = tmp_path / "households.parquet", tmp_path / "persons.parquet"
+    back.households.to_parquet(hh)
+    back.persons.to_parquet(persons)
+    return hh, persons
+
+
+def test_check_reads_hdf5_as_reweight_does(tmp_path: Path) -> None:
+    data, targets = tmp_path / "data.h5", tmp_path / "targets.csv"
+    v = _write(data, "periods")
+    _targets(targets, v)
+    frame = pd.read_csv(targets)
+    # Every household has a person: fewer persons than households in CA cannot hold.
+    hh_ca = frame.loc[frame["name"] == "hh_CA", "value"].item()
+    frame.loc[frame["name"] == "pop_CA", "value"] = 0.9 * hh_ca
+    frame.to_csv(targets, index=False)
+    result = runner.invoke(app, ["check", str(data), str(targets), "--period", "2024",
+                                 "--json"])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    found = json.loads(result.stdout)
+    assert found["n_records"] == 400
+    assert found["n_targets"] == 8
+    assert not found["feasible"]
+    # The same findings as from the same records written as tables.
+    hh, persons = _export(data, tmp_path)
+    tables = runner.invoke(app, ["check", str(hh), str(targets), "--persons", str(persons),
+                                 "--json"])  # fmt: skip
+    assert tables.exit_code == 3, tables.output
+    same = json.loads(tables.stdout)
+    for key in ("feasible", "total_rel_change", "changes", "conflicts", "targets"):
+        assert found[key] == same[key], key
+    # 2023 is another period: other values, other answer.
+    earlier = runner.invoke(app, ["check", str(data), str(targets), "--period", "2023",
+                                  "--json"])  # fmt: skip
+    assert json.loads(earlier.stdout)["total_rel_change"] != found["total_rel_change"]
+    cases = [
+        ([str(data), str(targets)], 1,
+         "several periods (2023, 2024, 2025); choose one with --period"),
+        ([str(data), str(targets), "--period", "2030"], 1, "no data for period 2030"),
+        ([str(data), str(targets), "--period", "2024", "--persons", str(persons)], 2,
+         "an HDF5 dataset holds its persons and entities: --persons does not apply"),
+        ([str(data), str(targets), "--period", "2024", "--weight-column", "w"], 2,
+         "an HDF5 dataset uses PolicyEngine's names"),
+        ([str(hh), str(targets), "--period", "2024"], 2, "only for HDF5 input (.h5)"),
+    ]  # fmt: skip
+    for args, code, message in cases:
+        result = runner.invoke(app, ["check", *args])
+        assert result.exit_code == code, result.output
+        assert message in " ".join(result.output.split()), result.output
+
+
+def test_calibrate_hdf5_writes_every_household_back(tmp_path: Path) -> None:
+    data, targets, out = tmp_path / "data.h5", tmp_path / "targets.csv", tmp_path / "cal.h5"
+    v = _write(data, "periods")
+    _targets(targets, v)
+    result = runner.invoke(app, ["calibrate", str(data), str(targets), "--period", "2024",
+                                 "-o", str(out), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cal_report" / "summary.json").read_text())
+    assert summary["period"] == "2024"
+    assert summary["method"] == "raking"
+    back = read_hdf5(out, period=2024)
+    assert back.households["household_id"].tolist() == v["household_id"].tolist()
+    # The written weights meet every target (raking meets them exactly).
+    em = build_estimate_matrix(back.households, targets, back.persons)
+    assert np.allclose(em.matrix @ em.weights, em.values, rtol=1e-5)
+    assert not np.allclose(back.households["household_weight"], v["household_weight"])
+    # The same weights as calibrate on the same records written as tables.
+    hh, persons = _export(data, tmp_path)
+    table_out = tmp_path / "cal_tables.parquet"
+    tables = runner.invoke(app, ["calibrate", str(hh), str(targets), "--persons", str(persons),
+                                 "-o", str(table_out), "--quiet"])  # fmt: skip
+    assert tables.exit_code == 0, tables.output
+    expected = pd.read_parquet(table_out)["household_weight"].to_numpy()
+    assert np.allclose(back.households["household_weight"], expected, rtol=1e-6)  # float32
+    with h5py.File(data, "r") as f_in, h5py.File(out, "r") as f_out:
+        before, after = _datasets(f_in), _datasets(f_out)
+    assert sorted(after) == sorted(before)
+    assert np.array_equal(after["household_weight/2023"], before["household_weight/2023"])
+    assert np.array_equal(after["age/2024"], before["age/2024"])
+    new_of_hh = dict(zip(after["household_id/2024"].tolist(),
+                         after["household_weight/2024"].tolist(), strict=True))  # fmt: skip
+    assert np.allclose(after["person_weight/2024"],
+                       [new_of_hh[h] for h in after["person_household_id/2024"]])  # fmt: skip
+    for extra, message in (
+        (["-o", str(tmp_path / "x.parquet")], "give a .h5 path"),
+        (["--entity", "t=t.csv"], "--entity and --entity-link do not apply"),
+    ):
+        result = runner.invoke(app, ["calibrate", str(data), str(targets), "--period", "2024",
+                                     *extra])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+    # GREG (linear) weights below 0 cannot go into a PolicyEngine dataset: refused, no file.
+    frame = pd.read_csv(targets)
+    frame.loc[frame["name"] == "hh_CA", "value"] *= 0.05
+    far = tmp_path / "far.csv"
+    frame.to_csv(far, index=False)
+    neg = tmp_path / "neg.h5"
+    result = runner.invoke(app, ["calibrate", str(data), str(far), "--period", "2024",
+                                 "--method", "linear", "-o", str(neg), "--quiet"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "method 'linear' gave" in result.output
+    assert "negative weight(s); a PolicyEngine dataset needs weights >= 0" in result.output
+    assert not neg.exists()
+    assert not (tmp_path / "neg_report").exists()
+
+
+def test_reweight_hdf5_honours_bounds_and_max_error(tmp_path: Path) -> None:
+    data, targets, out = tmp_path / "data.h5", tmp_path / "targets.csv", tmp_path / "small.h5"
+    v = _write(data, "flat")
+    _targets(targets, v)
+    result = runner.invoke(app, [
+        "reweight", str(data), str(targets), "--target-records", "150", "--epochs", "150",
+        "--bounds", "0.75,1.5", "--max-error", "0.00001", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    summary = json.loads((tmp_path / "small_report" / "summary.json").read_text())
+    # Without --bounds this run's ratios to the inflated weight span about 0.69 to 1.39.
+    ratio = summary["inflated_weight_ratio"]
+    assert ratio["min"] >= 0.75 - 1e-6
+    assert ratio["max"] <= 1.5 + 1e-6
+    assert summary["mean_abs_rel_error"] < 0.01
+    # Off by more than --max-error 1e-5 (the default 0.5 would name none): exit 3.
+    assert summary["missed_targets"]
+    assert result.exit_code == 3, result.output
+
+
+def test_select_hdf5_writes_the_selected_households(tmp_path: Path) -> None:
+    data, targets = tmp_path / "data.h5", tmp_path / "targets.csv"
+    v = _write(data, "flat")
+    _targets(targets, v)
+    hh, _ = _export(data, tmp_path)
+    # A random draw only: the same households and design weights as from the tables.
+    out = tmp_path / "drawn.h5"
+    result = runner.invoke(app, ["select", str(data), "--target-records", "100", "--stratify",
+                                 "state_code", "-o", str(out), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tables = runner.invoke(app, ["select", str(hh), "--target-records", "100", "--stratify",
+                                 "state_code", "-o", str(tmp_path / "drawn.csv"),
+                                 "--quiet"])  # fmt: skip
+    assert tables.exit_code == 0, tables.output
+    expected = pd.read_csv(tmp_path / "drawn.csv")
+    with h5py.File(out, "r") as f:
+        after = _datasets(f)
+    assert after["household_id"].tolist() == expected["household_id"].tolist()
+    assert np.allclose(after["household_weight"], expected["household_weight"], rtol=1e-6)
+    rows = _kept_rows(v, after["household_id"])
+    assert np.array_equal(after["age"], v["age"][rows["person"]])
+    assert np.array_equal(after["tax_unit_id"], v["tax_unit_id"][rows["tax_unit"]])
+    assert "selection" not in after  # no such variable in a PolicyEngine dataset
+    # With targets: the L0 part and the report, as for a table.
+    out = tmp_path / "small.h5"
+    result = runner.invoke(app, ["select", str(data), "--target-records", "150", "--targets",
+                                 str(targets), "--epochs", "150", "-o", str(out),
+                                 "--quiet"])  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    summary = json.loads((tmp_path / "small_report" / "summary.json").read_text())
+    assert summary["n_records_out"] == 150
+    assert summary["selection_split"] == {"l0": 150, "random": 0}
+    assert summary["period"] is None  # a flat file
+    back = read_hdf5(out)
+    assert len(back.households) == 150
+    em = build_estimate_matrix(back.households, targets, back.persons)
+    report = pd.read_csv(tmp_path / "small_report" / "targets.csv")
+    assert np.allclose(em.matrix @ em.weights, report["estimate"].to_numpy(), rtol=1e-5)
+    result = runner.invoke(app, ["select", str(hh), "--target-records", "10", "--period",
+                                 "2024"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "only for HDF5 input (.h5)" in result.output
