@@ -631,6 +631,12 @@ def reweight(
         help="A fitted target off by more than this (relative), or at -100 %, is named as "
         "missed, and the run exits with 3.",
     ),
+    exchange_rounds: int = typer.Option(
+        30,
+        "--exchange-rounds",
+        help="With --target-records: rounds that swap kept records for better balanced ones "
+        "after the refit (0: none). Sharded runs (--nproc, --checkpoint) make none.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     log: Path | None = typer.Option(None, "--log", help="Per-target CSV log (microcalibrate)."),
@@ -680,7 +686,8 @@ def reweight(
         fit = {"target_records": target_records, "lambda_l0": lambda_l0,
                "lambda_l2": lambda_l2, "epochs": epochs, "lr": lr, "tol": tol, "seed": seed,
                "device": device, "dtype": dtype, "threads": threads,
-               "bounds": _parse_bounds(bounds), "max_error": max_error}  # fmt: skip
+               "bounds": _parse_bounds(bounds), "max_error": max_error,
+               "exchange_rounds": exchange_rounds}  # fmt: skip
         _reweight_hdf5(microdata, targets, output, report_dir, log, period, fit, holdout,
                        holdout_fraction, force, quiet)  # fmt: skip
         return
@@ -737,7 +744,7 @@ def reweight(
             check_options(
                 em.n_records, target_records=target_records, lambda_l0=lambda_l0,
                 lambda_l2=lambda_l2, epochs=epochs, lr=lr, tol=tol, device=device, dtype=dtype,
-                bounds=run.bounds, max_error=max_error,
+                bounds=run.bounds, max_error=max_error, exchange_rounds=exchange_rounds,
             )  # fmt: skip
             phases.release()
             _warn_targets(em, quiet, exclude=held, target_records=target_records,
@@ -754,6 +761,7 @@ def reweight(
                     lambda_l2=lambda_l2, epochs=epochs, lr=lr, holdout=held, tol=tol,
                     seed=seed, device=device, callback=callback, log_path=log_tmp, dtype=dtype,
                     bounds=run.bounds, max_error=max_error, threads=threads,
+                    exchange_rounds=exchange_rounds,
                 )  # fmt: skip
             _say_warnings(seen)
             kept = apply_weights(households, result, weight_column=weight_column)
