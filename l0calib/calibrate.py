@@ -691,18 +691,26 @@ def _refit_subset(
     if exact and exchange_rounds > 0 and kept.sum() < n:
         ex = _exchange(pb, kept, base, max_iter, lo_all, hi_all, floor, fixed, coverage,
                        exchange_rounds, dual)  # fmt: skip
+        swapped, reverted = ex.swaps, False
         if ex.swaps:
-            kept, idx = ex.kept, ex.idx
-            lower = np.maximum(lo_all[idx], floor)
-            r, res = _solve_ratios(
-                pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower,
-                max_iter=max_iter, upper=hi_all[idx], dual=res.dual,
+            lower = np.maximum(lo_all[ex.idx], floor)
+            r2, res2 = _solve_ratios(
+                pb, ex.idx, np.maximum(base[ex.idx], 1e-12), lambda_l2, lower=lower,
+                max_iter=max_iter, upper=hi_all[ex.idx], dual=res.dual,
             )  # fmt: skip
-            total_iter += int(res.nit)
-            at_floor = r <= lower * (1 + 1e-9)
+            total_iter += int(res2.nit)
+            # Kept only if the refit at its own pull is no worse: the better balanced set
+            # must not cost fit (measured: it usually lowers this objective by half or
+            # more; where it rose, a small target ended far worse).
+            if res2.objective <= res.objective:
+                kept, idx, r, res = ex.kept, ex.idx, r2, res2
+                at_floor = r <= lower * (1 + 1e-9)
+            else:
+                swapped, reverted = 0, True
         exchanged = {
-            "exchange_swaps": ex.swaps,
+            "exchange_swaps": swapped,
             "exchange_rounds": ex.rounds,
+            "exchange_reverted": reverted,
             "exchange_objective_before": ex.objective_before,
             "exchange_objective": ex.objective,
         }

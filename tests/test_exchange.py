@@ -135,8 +135,10 @@ def test_calibrate_exchanges_after_the_refit() -> None:
     assert on.info["missed_targets"] == []
     assert "exchange_swaps" not in off.info
     assert np.count_nonzero(on.weights) == np.count_nonzero(off.weights) == 200
-    # The rounds lowered the objective they judge sets by (the refit's at a strong pull).
+    # The rounds lowered the objective they judge sets by (the refit's at a strong pull),
+    # and the refit at its own pull is no worse than without them (else they are undone).
     assert on.info["exchange_objective"] < on.info["exchange_objective_before"]
+    assert on.info["refit_objective"] <= off.info["refit_objective"] * (1 + 1e-12)
     assert np.array_equal(on.weights, again.weights)  # deterministic
     keep = np.zeros(a.shape[1], dtype=bool)
     keep[:30] = True
@@ -155,6 +157,19 @@ def test_exchange_after_a_balanced_selection_too() -> None:
     assert res.info["exchange_rounds"] >= 1
     assert res.info["exchange_objective"] <= res.info["exchange_objective_before"]
     assert np.count_nonzero(res.weights) == 1000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_exchange_never_leaves_a_worse_refit(seed: int) -> None:
+    a, t, w0, _ = _survey(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = calibrate(a, t, weights=w0, target_records=150, epochs=100, seed=seed,
+                        exchange_rounds=0)  # fmt: skip
+        on = calibrate(a, t, weights=w0, target_records=150, epochs=100, seed=seed)
+    assert on.info["refit_objective"] <= off.info["refit_objective"] * (1 + 1e-12)
+    if on.info["exchange_reverted"]:
+        assert np.array_equal(on.weights, off.weights)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
