@@ -150,10 +150,12 @@ def exchange(
         joiners = joiners[join[joiners] < 0]
         inside = idx if fixed is None else idx[~fixed[idx]]
         leavers = inside[np.argsort(leave[inside], kind="stable")]
-        m = min(joiners.size, leavers.size)
+        m = min(joiners.size, leavers.size, size)
         if coverage is not None and m:
-            # Only records no target needs, judged one after another in this order.
-            leavers = leavers[coverage.removable(kept, leavers)]
+            # Only records no target needs, judged one after another in this order (the
+            # first few times the batch: a round uses at most ``size`` of them).
+            head = leavers[: 4 * m + 16]
+            leavers = head[coverage.removable(kept, head)]
             m = min(m, leavers.size)
         gains = join[joiners[:m]] + leave[leavers[:m]]
         m = int(np.argmax(gains >= 0)) if (gains >= 0).any() else m
