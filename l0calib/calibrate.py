@@ -990,9 +990,8 @@ def _selection_mode(
     their inflated initial values, so the gates choose records whose design weights already
     hit the targets) and refit pull 3e-4. With fewer records per target, a *free* one
     (training pull 1e-3): the trained weights must move for the kept records to fit at
-    all. A pull of 0.03 raises the effective sample size of a free selection by about
-    0.1 K at a small cost in holdout accuracy (docs/benchmarks.md, "Pruning you can
-    trust"); holdout accuracy comes first, so 1e-3 stays the default.
+    all. (A pull of 0.03 gives a higher effective sample size but a worse holdout error:
+    docs/benchmarks.md, "Pruning you can trust".)
     """
     if lambda_l2 is not None:
         return "given", lambda_l2, refit_l2
@@ -1167,9 +1166,7 @@ def calibrate(
         ``refit_l2`` 3e-4): a *balanced* selection, whose weights barely move in training,
         so the gates pick records whose inflated initial weights already hit the targets
         (better untargeted totals than a random draw at that size); otherwise 1e-3, a
-        *free* selection (0.03 raises its effective sample size by about 0.1 K, from
-        0.67-0.72 K, at a small cost in holdout accuracy: ``docs/benchmarks.md``).
-        ``info["selection"]`` says which (``"given"`` when passed); see
+        *free* selection. ``info["selection"]`` says which (``"given"`` when passed); see
         ``docs/engine.md``.
     epochs : int, default 600
         Training steps (each uses every record). The refit runs after them. Without gates
