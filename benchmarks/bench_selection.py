@@ -306,7 +306,9 @@ def main() -> None:
                 f = figures(em, hold, r.weights, k)
                 f.update(split=split, seed=seed, seconds=time.perf_counter() - t0,
                          selection=r.info.get("selection"),
-                         exchanged=r.info.get("coverage_exchanged"))  # fmt: skip
+                         exchanged=r.info.get("coverage_exchanged"),
+                         exchange_swaps=r.info.get("exchange_swaps"),
+                         exchange_reverted=r.info.get("exchange_reverted"))  # fmt: skip
                 if chosen is not None:
                     f["pull"] = chosen
                 runs.setdefault(f"l0calib {v}", []).append(f)
