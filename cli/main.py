@@ -985,15 +985,7 @@ def calibrate_command(
             phases=phases,
         )  # fmt: skip
         entity_frames = read_entities(outs.entities, households, id_column)
-        held = _holdout_of(em, holdout, None, 0)
-        check_method(method, parsed_bounds)
-        phases.release()
-        _warn_targets(em, quiet, exclude=held, bounds=parsed_bounds)
-        with phases.phase(f"calibrating ({method})"):
-            result = l0calib.calibrate_exact(
-                em, method=method, bounds=parsed_bounds, holdout=held,  # type: ignore[arg-type]
-                max_iter=max_iter,
-            )  # fmt: skip
+        result = _fit_exact(em, holdout, method, parsed_bounds, max_iter, quiet, phases)
         kept = apply_weights(households, result, weight_column=weight_column)
         with phases.phase("writing"):
             shown = _write_outputs(
@@ -1003,6 +995,23 @@ def calibrate_command(
                 em=em, more={"bounds": list(parsed_bounds) if parsed_bounds else None},
             )  # fmt: skip
     _finish(outs, shown, quiet)
+
+
+def _fit_exact(
+    em: Any, holdout: str | None, method: str, bounds: tuple[float, float] | None,
+    max_iter: int, quiet: bool, phases: _Phases,
+) -> Any:  # fmt: skip
+    """`calibrate`'s fit, for a table or an HDF5 dataset: the option check, the target
+    check's findings, then :func:`l0calib.calibrate_exact`."""
+    held = _holdout_of(em, holdout, None, 0)
+    check_method(method, bounds)
+    phases.release()
+    _warn_targets(em, quiet, exclude=held, bounds=bounds)
+    with phases.phase(f"calibrating ({method})"):
+        return l0calib.calibrate_exact(
+            em, method=method, bounds=bounds, holdout=held,  # type: ignore[arg-type]
+            max_iter=max_iter,
+        )  # fmt: skip
 
 
 def _calibrate_hdf5(
@@ -1017,15 +1026,7 @@ def _calibrate_hdf5(
                          options=ctx.params)  # fmt: skip
     with user_errors(), outs.plan.transaction() as tx, _Phases(quiet) as phases:
         data, em = _read_hdf5(microdata, targets, period, phases)
-        held = _holdout_of(em, holdout, None, 0)
-        check_method(method, bounds)
-        phases.release()
-        _warn_targets(em, quiet, exclude=held, bounds=bounds)
-        with phases.phase(f"calibrating ({method})"):
-            result = l0calib.calibrate_exact(
-                em, method=method, bounds=bounds, holdout=held,  # type: ignore[arg-type]
-                max_iter=max_iter,
-            )  # fmt: skip
+        result = _fit_exact(em, holdout, method, bounds, max_iter, quiet, phases)
         negative = int((result.weights < 0).sum())
         if negative:
             raise l0calib.DataError(
