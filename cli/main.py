@@ -722,6 +722,9 @@ def reweight(
                          entity=entity, entity_link=entity_link,
                          checkpoint=checkpoint, options=ctx.params)  # fmt: skip
     sharded = nproc > 1 or checkpoint is not None or launched is not None
+    if sharded and target_records is not None and exchange_rounds > 0 and not quiet:
+        _say("Note: sharded runs (--nproc, --checkpoint) make no exchange rounds after the "
+             "refit; the kept records are the trained selection's (docs/engine.md).")  # fmt: skip
     with user_errors(), outs.plan.transaction() as tx, _Phases(quiet or sharded) as phases:
         log_tmp = tx.path("log") if log is not None else None
         if sharded:

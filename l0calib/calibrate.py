@@ -687,7 +687,9 @@ def _refit_subset(
         kept[candidates] = True
         ratio[candidates] = 1.0
         swaps += int(candidates.size)
-    exchanged = {}
+    exchanged: dict[str, Any] = {}
+    if exact and order is not None:  # an exact-count selection: say what the rounds did
+        exchanged = {"exchange_swaps": 0, "exchange_rounds": 0, "exchange_reverted": False}
     if exact and exchange_rounds > 0 and kept.sum() < n:
         ex = _exchange(pb, kept, base, max_iter, lo_all, hi_all, floor, fixed, coverage,
                        exchange_rounds, dual)  # fmt: skip
@@ -1254,7 +1256,9 @@ def calibrate(
         ``refit_l2`` (:mod:`l0calib.exchange`; coverage, bounds and ``always_keep`` hold).
         Measured to raise the effective sample size by 0.05-0.1 K at the same fitted and
         holdout error (``docs/benchmarks.md``). ``info["exchange_swaps"]`` counts the
-        records exchanged. 0 turns them off.
+        records exchanged (0 when none), ``info["exchange_rounds"]`` the rounds run,
+        ``info["exchange_reverted"]`` whether they were undone because the refit at
+        ``refit_l2`` came out worse. 0 turns them off.
     threads : int, optional
         Threads for this fit (torch's and the BLAS libraries' together; capped at the
         cores this process may use). Default: 1 below two million records and 20 million

@@ -565,3 +565,22 @@ def test_two_processes_find_rows_linked_to_no_household(
     assert result.exit_code == 1
     assert "person table data row 6: person_household_id=-9 is not a household id" in result.output
     assert not (tmp_path / "households_reweighted.parquet").exists()
+
+
+@pytest.mark.slow  # a sharded run: a worker process
+def test_a_sharded_run_says_it_makes_no_exchange_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["reweight", str(SURVEY / "households.parquet"), str(SURVEY / "targets.csv"),
+            "--persons", str(SURVEY / "persons.parquet"), "--target-records", "300",
+            "--epochs", "30", *TINY_FIT, "--checkpoint", "ck", "-o", "out.parquet"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sharded runs (--nproc, --checkpoint) make no exchange rounds" in result.output
+    summary = json.loads((tmp_path / "out_report" / "summary.json").read_text())
+    assert summary["exchange_swaps"] == 0
+    single = runner.invoke(app, [*args[:-3], "-o", "one.parquet", "--quiet"])
+    assert single.exit_code == 0, single.output
+    summary = json.loads((tmp_path / "one_report" / "summary.json").read_text())
+    assert summary["exchange_swaps"] > 0
