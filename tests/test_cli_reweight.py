@@ -580,7 +580,7 @@ def test_a_sharded_run_says_it_makes_no_exchange_rounds(
     assert "sharded runs (--nproc, --checkpoint) make no exchange rounds" in result.output
     summary = json.loads((tmp_path / "out_report" / "summary.json").read_text())
     assert summary["exchange_swaps"] == 0
-    single = runner.invoke(app, [*args[:-3], "-o", "one.parquet", "--quiet"])
+    single = runner.invoke(app, [*args[:-4], "-o", "one.parquet", "--quiet"])
     assert single.exit_code == 0, single.output
     summary = json.loads((tmp_path / "one_report" / "summary.json").read_text())
     assert summary["exchange_swaps"] > 0
