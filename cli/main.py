@@ -696,6 +696,8 @@ def reweight(
         raise typer.BadParameter("needs --checkpoint DIR", param_hint="--resume")
     if nproc < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--nproc")
+    if checkpoint_every < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--checkpoint-every")
     _check_holdout(holdout, holdout_fraction)
     launched = _torchrun_rank()
     run = ShardedRun(

@@ -329,6 +329,8 @@ CASES = [
     Case("device", [*R, "--device", "tpu"], 1, ("device must be 'cpu', 'cuda' or 'auto'",)),
     Case("resume-without-checkpoint", [*R, "--resume"], 2, ("needs --checkpoint DIR",)),
     Case("nproc-zero", [*R, "--nproc", "0"], 2, ("must be at least 1",)),
+    Case("checkpoint-every-zero", [*R, "--checkpoint", "ck", "--checkpoint-every", "0"], 2,
+         ("--checkpoint-every", "must be at least 1")),
     Case("calibrate-method", [*C, "--method", "foo"], 1,
          ("method must be one of linear, raking, logit, truncated, got 'foo'",)),
     Case("calibrate-bounds", [*C, "--bounds", "1"], 2, ("expected two numbers: LO,HI",)),
