@@ -552,6 +552,9 @@ def _page(s: dict[str, Any], t: pd.DataFrame, h: pd.DataFrame, ratios: Any) -> s
          ", ".join(_num(v, ".3g") for v in [wr.get("min"), *(wr.get("quartiles") or []),
                                               wr.get("max")])),
     ]  # fmt: skip
+    if s.get("exchange_swaps") is not None:
+        weights_rows.insert(1, ("records exchanged after the refit (exchange rounds)",
+                                f"{int(s['exchange_swaps']):,}"))  # fmt: skip
     inflated = s.get("inflated_weight_ratio") or {}
     engine_bounds = (s.get("options") or {}).get("bounds") if not s.get("bounds") else None
     if inflated:

@@ -4,6 +4,7 @@ report files' tolerance columns, and `select`'s option names."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import webbrowser
 from pathlib import Path
@@ -200,3 +201,20 @@ def test_help_keeps_list_items_and_paragraph_breaks() -> None:
         "Summary line that goes on.\n\nA paragraph wrapped in the source:\n\n"
         "- an item that continues\n- another item\n1. a numbered one"
     )
+
+
+def test_the_page_counts_the_records_exchanged(tmp_path: Path, tiny_report: Path) -> None:
+    out = tmp_path / "o.csv"
+    result = runner.invoke(app, [
+        "reweight", str(TINY / "households.csv"), str(TINY / "targets.csv"), "--persons",
+        str(TINY / "persons.csv"), "--epochs", "20", "--target-records", "3", "--max-error",
+        "100", "-o", str(out), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    summary = json.loads((tmp_path / "o_report" / "summary.json").read_text())
+    assert isinstance(summary["exchange_swaps"], int)
+    page = (tmp_path / "o_report" / "report.html").read_text()
+    row = "records exchanged after the refit (exchange rounds)</th><td>"
+    assert f"{row}{summary['exchange_swaps']:,}</td>" in page
+    # Without --target-records there is no exchange, and no such row.
+    assert "records exchanged" not in (tiny_report / "report.html").read_text()
