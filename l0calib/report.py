@@ -138,8 +138,10 @@ def summary(
         "refit_converged": info.get("refit_converged"),
         "refit_iterations": info.get("refit_iterations"),
         "refit_message": info.get("refit_message"),
-        # Records exchanged after the refit (l0calib.exchange); None when none ran.
+        # Records exchanged after the refit (l0calib.exchange); None without target_records.
         "exchange_swaps": info.get("exchange_swaps"),
+        # Kept records the exact-count refit holds at its floor (1e-4 x the anchor weight).
+        "refit_at_floor": info.get("refit_at_floor"),
         "method": result.method,
         "l0calib_version": __version__,
     }

@@ -213,6 +213,7 @@ def test_the_page_counts_the_records_exchanged(tmp_path: Path, tiny_report: Path
     assert result.exit_code in (0, 3), result.output
     summary = json.loads((tmp_path / "o_report" / "summary.json").read_text())
     assert isinstance(summary["exchange_swaps"], int)
+    assert isinstance(summary["refit_at_floor"], int)
     page = (tmp_path / "o_report" / "report.html").read_text()
     row = "records exchanged after the refit (exchange rounds)</th><td>"
     assert f"{row}{summary['exchange_swaps']:,}</td>" in page
