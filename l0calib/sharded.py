@@ -358,9 +358,20 @@ def _worker_main(parent: str, handoff: str, rank: str, world: str, port: str) ->
     except L0CalibError as exc:
         # The whole message (it may list several problems) for the parent to show.
         (directory / f"error-rank{rank}.txt").write_text(str(exc))
-        sys.exit(1)
+        _exit_now(1)
     if int(rank) == 0:
         (directory / "result.json").write_text(json.dumps(out))
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End a worker whose files are written and closed without running the interpreter's
+    and the C++ runtime's shutdown: a torch.distributed (gloo) thread still alive there
+    could abort the process ("terminate called without an active exception", exit -6),
+    which the parent would have to report as a failed worker."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _PARENT_PID: int | None = None
