@@ -16,6 +16,13 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def nonneg_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ParameterError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def finite(name: str, value: object) -> float:
     """``value`` as a float if it is a finite real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

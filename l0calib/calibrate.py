@@ -41,7 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from l0calib._checks import nonneg, positive_int, ratio_bounds
+from l0calib._checks import nonneg, nonneg_int, positive_int, ratio_bounds
 from l0calib.coverage import COVERAGE_RECORDS, Coverage, coverage_needs, coverage_risk
 from l0calib.diagnostics import WeightDiagnostics, target_report, weight_diagnostics
 from l0calib.exceptions import ConvergenceWarning, CoverageWarning, ParameterError, TargetError
@@ -1080,18 +1080,6 @@ def _select_and_refit(
     return weights_out, before, info, scores
 
 
-def _check_exchange_rounds(rounds: Any) -> None:
-    """``exchange_rounds`` must be an integer >= 0."""
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
-        raise ParameterError(f"exchange_rounds must be an integer >= 0, got {rounds!r}")
-
-
-def _check_coverage(coverage: Any) -> int:
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, np.integer)) or coverage < 0:
-        raise ParameterError(f"coverage must be an integer >= 0, got {coverage!r}")
-    return int(coverage)
-
-
 def _warn_coverage(
     pb: _Problem, cover: Coverage, k_goal: int, m: int, fixed: np.ndarray | None
 ) -> None:
@@ -1313,8 +1301,8 @@ def calibrate(
     bounds = _check_bounds(bounds)
     if max_error is not None:
         nonneg("max_error", max_error)
-    coverage = _check_coverage(coverage)
-    _check_exchange_rounds(exchange_rounds)
+    coverage = nonneg_int("coverage", coverage)
+    nonneg_int("exchange_rounds", exchange_rounds)
     k_goal = target_records
     cover = None
     if k_goal is not None and k_goal < n and coverage:
@@ -1590,5 +1578,5 @@ def check_options(n_records: int, **options: Any) -> None:
     _check_bounds(given["bounds"])
     if given["max_error"] is not None:
         nonneg("max_error", given["max_error"])
-    _check_coverage(given["coverage"])
-    _check_exchange_rounds(given["exchange_rounds"])
+    nonneg_int("coverage", given["coverage"])
+    nonneg_int("exchange_rounds", given["exchange_rounds"])
