@@ -658,21 +658,31 @@ def _refit_subset(
     n = pb.em.n_records
     lo_all, hi_all = (np.zeros(n), np.full(n, np.inf)) if ratio_bounds is None else ratio_bounds
     total_iter, swaps, guarded = 0, 0, 0
+    safe_base = np.maximum(base, 1e-12)
+    lower_all = np.maximum(lo_all, floor)
+
+    def solve(
+        idx: np.ndarray, lam: float, dual: np.ndarray | None, start: np.ndarray | None = None
+    ) -> tuple[np.ndarray, RatioSolution]:
+        """The refit of the records ``idx`` at the pull ``lam``: (ratios, solution)."""
+        return _solve_ratios(pb, idx, safe_base[idx], lam, lower=lower_all[idx],
+                             max_iter=max_iter, start=start, upper=hi_all[idx],
+                             dual=dual)  # fmt: skip
+
+    def floored(idx: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Which of the records ``idx`` (not fixed) sit at their lower bound."""
+        at = r <= lower_all[idx] * (1 + 1e-9)
+        return at if fixed is None else at & ~fixed[idx]
+
     ratio = np.ones(n)  # a swap round starts from the previous round's ratios
     dual = None  # ... and multipliers
     for round_ in range(_SWAP_ROUNDS + 1):
         idx = np.flatnonzero(kept)
-        lower = np.maximum(lo_all[idx], floor)
-        r, res = _solve_ratios(
-            pb, idx, np.maximum(base[idx], 1e-12), lambda_l2, lower=lower, max_iter=max_iter,
-            start=ratio[idx], upper=hi_all[idx], dual=dual,
-        )  # fmt: skip
+        r, res = solve(idx, lambda_l2, dual, ratio[idx])
         ratio[idx] = r
         dual = res.dual
         total_iter += int(res.nit)
-        at_floor = r <= lower * (1 + 1e-9)
-        if fixed is not None:
-            at_floor &= ~fixed[idx]
+        at_floor = floored(idx, r)
         if not exact or order is None or round_ == _SWAP_ROUNDS or not at_floor.any():
             break
         leaving = idx[at_floor]
@@ -691,22 +701,18 @@ def _refit_subset(
     if exact and order is not None:  # an exact-count selection: say what the rounds did
         exchanged = {"exchange_swaps": 0, "exchange_rounds": 0, "exchange_reverted": False}
     if exact and exchange_rounds > 0 and kept.sum() < n:
-        ex = _exchange(pb, kept, base, max_iter, lo_all, hi_all, floor, fixed, coverage,
+        ex = _exchange(pb, kept, solve, safe_base, lower_all, hi_all, fixed, coverage,
                        exchange_rounds, dual)  # fmt: skip
         swapped, reverted = ex.swaps, False
         if ex.swaps:
-            lower = np.maximum(lo_all[ex.idx], floor)
-            r2, res2 = _solve_ratios(
-                pb, ex.idx, np.maximum(base[ex.idx], 1e-12), lambda_l2, lower=lower,
-                max_iter=max_iter, upper=hi_all[ex.idx], dual=res.dual,
-            )  # fmt: skip
+            r2, res2 = solve(ex.idx, lambda_l2, res.dual)
             total_iter += int(res2.nit)
             # Kept only if the refit at its own pull is no worse: the better balanced set
             # must not cost fit (measured: it usually lowers this objective by half or
             # more; where it rose, a small target ended far worse).
             if res2.objective <= res.objective:
                 kept, idx, r, res = ex.kept, ex.idx, r2, res2
-                at_floor = r <= lower * (1 + 1e-9)
+                at_floor = floored(idx, r)
             else:
                 swapped, reverted = 0, True
         exchanged = {
@@ -717,7 +723,7 @@ def _refit_subset(
             "exchange_objective": ex.objective,
         }
     w = np.zeros(pb.em.n_records)
-    w[idx] = np.maximum(base[idx], 1e-12) * r
+    w[idx] = safe_base[idx] * r
     return w, {
         **exchanged,
         "refit_converged": bool(res.success),
@@ -734,33 +740,30 @@ def _refit_subset(
 def _exchange(
     pb: _Problem,
     kept: np.ndarray,
+    solve_at: Callable[..., tuple[np.ndarray, RatioSolution]],
     base: np.ndarray,
-    max_iter: int,
-    lo_all: np.ndarray,
-    hi_all: np.ndarray,
-    floor: float,
+    lower: np.ndarray,
+    upper: np.ndarray,
     fixed: np.ndarray | None,
     coverage: Coverage | None,
     rounds: int,
     dual: np.ndarray | None,
 ) -> ExchangeResult:
     """Exchange rounds on the refit of ``pb`` at the pull ``EXCHANGE_PULL``
-    (:func:`l0calib.exchange.exchange`), warm-started from the multipliers ``dual``."""
-    base = np.maximum(base, 1e-12)
-    lower = np.maximum(lo_all, floor)
+    (:func:`l0calib.exchange.exchange`), warm-started from the multipliers ``dual``.
+    ``solve_at(idx, pull, dual)`` refits the records ``idx``; ``base``, ``lower`` and
+    ``upper`` (shape (n_records,)) are the anchor weights and ratio bounds it uses."""
 
     def solve(mask: np.ndarray, prev: Any) -> tuple[np.ndarray, np.ndarray, Any]:
         i = np.flatnonzero(mask)
-        r, sol = _solve_ratios(pb, i, base[i], EXCHANGE_PULL, lower=lower[i],
-                               max_iter=max_iter, upper=hi_all[i],
-                               dual=dual if prev is None else prev.dual)  # fmt: skip
+        r, sol = solve_at(i, EXCHANGE_PULL, dual if prev is None else prev.dual)
         return i, r, sol
 
     rows = np.flatnonzero(pb.fitted)
     return exchange(
         solve, kept, solve(kept, None), matrix=pb.em.matrix[rows], values=pb.em.values[rows],
         scale=pb.scale[rows], tol=pb.tol[rows], coef=pb.coef[rows], base=base,
-        lambda_l2=EXCHANGE_PULL, lower=lower, upper=hi_all, fixed=fixed, coverage=coverage,
+        lambda_l2=EXCHANGE_PULL, lower=lower, upper=upper, fixed=fixed, coverage=coverage,
         rounds=rounds,
     )  # fmt: skip
 
