@@ -260,16 +260,22 @@ def test_pruning_risk_uses_the_hypergeometric_miss_probability() -> None:
     assert diagnose_targets(em, target_records=990).pruning_risks == ()
 
 
+def _sub_band(n: int, k: int, sub: float):
+    """Diagnosis with K = k and bounds (0.5, 2) of "all" (n records, 1 each at w0 = 1,
+    target n) and "sub" (the first 200 of them, target ``sub``)."""
+    a = np.zeros((2, n))
+    a[0] = 1.0
+    a[1, :200] = 1.0
+    em = EstimateMatrix.from_arrays(a, [float(n), sub], names=["all", "sub"], weights=np.ones(n))
+    return diagnose_targets(em, target_records=k, bounds=(0.5, 2.0))
+
+
 def test_pruning_risk_with_bounds_counts_the_records_needed() -> None:
     # 200 records support "sub" (each contributes 1 at w0 = 1); the target is 4x what they
     # give, so with ratios <= 2 on the inflated weight, a uniform draw must keep twice its
     # expected share of them.
     n, k = 1000, 100
-    a = np.zeros((2, n))
-    a[0] = 1.0
-    a[1, :200] = 1.0
-    em = EstimateMatrix.from_arrays(a, [1000.0, 800.0], names=["all", "sub"], weights=np.ones(n))
-    d = diagnose_targets(em, target_records=k, bounds=(0.5, 2.0))
+    d = _sub_band(n, k, 800.0)
     risk = {r.name: r for r in d.pruning_risks}["sub"]
     assert risk.needed == 40  # 800 * 100 * 200 / (2 * 1000 * 200)
     from scipy.stats import hypergeom
@@ -322,11 +328,7 @@ def test_pruning_risk_with_bounds_flags_overshoot() -> None:
     # "sub" asks for a quarter of what its 200 records give; at ratio >= 0.5 on the
     # inflated weight, more than 10 kept supporting records overshoot it (20 expected).
     n, k = 1000, 100
-    a = np.zeros((2, n))
-    a[0] = 1.0
-    a[1, :200] = 1.0
-    em = EstimateMatrix.from_arrays(a, [1000.0, 50.0], names=["all", "sub"], weights=np.ones(n))
-    d = diagnose_targets(em, target_records=k, bounds=(0.5, 2.0))
+    d = _sub_band(n, k, 50.0)
     risk = {r.name: r for r in d.pruning_risks}["sub"]
     assert risk.allowed == pytest.approx(10.0)  # 50 * 100 * 200 / (0.5 * 1000 * 200)
     from scipy.stats import hypergeom
