@@ -885,11 +885,6 @@ def _ratio_summary(w: np.ndarray, ref: np.ndarray) -> dict[str, float] | None:
     return dict(zip(("min", "q1", "median", "q3", "max"), q.tolist(), strict=True))
 
 
-def _check_bounds(bounds: Any) -> tuple[float, float] | None:
-    """``(lo, hi)`` with ``0 <= lo <= 1 <= hi``, ``lo < hi`` (hi may be inf), or None."""
-    return ratio_bounds(bounds)
-
-
 @dataclass
 class _Loop:
     """Training-loop state: enough to report a finished run or to resume an unfinished one.
@@ -1301,7 +1296,7 @@ def calibrate(
             f"always_keep holds {int(fixed.sum()):,} records, more than target_records "
             f"({target_records:,})"
         )
-    bounds = _check_bounds(bounds)
+    bounds = ratio_bounds(bounds)
     if max_error is not None:
         nonneg("max_error", max_error)
     coverage = nonneg_int("coverage", coverage)
@@ -1463,7 +1458,7 @@ def refit(
         raise ParameterError("keep selects no record")
     positive_int("max_iter", max_iter)
     nonneg("lambda_l2", lambda_l2)
-    bounds = _check_bounds(bounds)
+    bounds = ratio_bounds(bounds)
     if max_error is not None:
         nonneg("max_error", max_error)
     n = pb.em.n_records
@@ -1578,7 +1573,7 @@ def check_options(n_records: int, **options: Any) -> None:
     )  # fmt: skip
     _resolve_device(given["device"])
     _resolve_dtype(given["dtype"])
-    _check_bounds(given["bounds"])
+    ratio_bounds(given["bounds"])
     if given["max_error"] is not None:
         nonneg("max_error", given["max_error"])
     nonneg_int("coverage", given["coverage"])

@@ -45,13 +45,12 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from l0calib._checks import nonneg_int, positive_int
+from l0calib._checks import nonneg_int, positive_int, ratio_bounds
 from l0calib.calibrate import (
     HISTORY_COLUMNS,
     MAX_ERROR,
     CalibrationResult,
     Progress,
-    _check_bounds,
     _check_options,
     _CsvLog,
     _default_refit_l2,
@@ -366,7 +365,7 @@ def calibrate_shard(
     if empty:
         raise ParameterError(f"{len(empty)} fitted target(s) have no record contributing: "
                              f"{listed(empty)}")  # fmt: skip
-    bounds = _check_bounds(bounds)
+    bounds = ratio_bounds(bounds)
     coverage = nonneg_int("coverage", coverage)
     if max_error is not None and not (isinstance(max_error, (int, float)) and max_error >= 0):
         raise ParameterError(f"max_error must be a number >= 0, got {max_error!r}")
